@@ -42,10 +42,20 @@ def peer_gpt2_config(tokenizer, n_layer: int = 4, n_head: int = 4, n_embd: int =
     """GPT-2 4 layers, d=256, 4 heads, 256 positions, tied head: the peer set-up (5.3 M parameters at vocab 8192)."""
     from transformers import GPT2Config
 
-    return GPT2Config(vocab_size=len(tokenizer), n_layer=n_layer, n_head=n_head, n_embd=n_embd,
-                      n_positions=n_positions, bos_token_id=tokenizer.bos_token_id,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=1)
+    return GPT2Config(
+        vocab_size=len(tokenizer),
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        n_positions=n_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        num_labels=1,
+    )
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> tuple[float, list[float]]:

@@ -39,8 +39,9 @@ def save_hf(model: Any, tokenizer: Any, folder: str | Path) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def save_checkpoint(stage_dir: str | Path, step: int, parts: dict[str, tuple[Any, Any]], state: dict,
-                    keep: int = 2) -> Path:
+def save_checkpoint(
+    stage_dir: str | Path, step: int, parts: dict[str, tuple[Any, Any]], state: dict, keep: int = 2
+) -> Path:
     """Write `parts` ({name: (model, tokenizer or None)}) and `state` as checkpoint `step`; keep the newest `keep`."""
     root = Path(stage_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
@@ -70,7 +71,9 @@ def list_checkpoints(stage_dir: str | Path) -> list[Path]:
     root = Path(stage_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists()]
+    found = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).exists()
+    ]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 

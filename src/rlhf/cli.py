@@ -16,9 +16,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("rlhf.stages.pretrain", "pre-train a base causal LM on plain-text files"),
     "sft": ("rlhf.stages.sft", "supervised fine-tuning on human demonstrations (prompt -> response)"),
     "sample": ("rlhf.stages.sample", "sample K responses per prompt from a policy into a JSONL"),
-    "label": ("rlhf.labelling", "feedback: `serve` the app, `import`/`export` batches, `synthetic` labellers"),
+    "label": (
+        "rlhf.labelling",
+        "feedback: `serve` the app, `import`/`export` batches, `synthetic` labellers",
+    ),
     "reward": ("rlhf.stages.reward", "train a Bradley-Terry reward model on comparisons"),
-    "ppo": ("rlhf.stages.ppo", "PPO fine-tuning against the reward model with a KL penalty to the SFT policy"),
+    "ppo": (
+        "rlhf.stages.ppo",
+        "PPO fine-tuning against the reward model with a KL penalty to the SFT policy",
+    ),
     "dpo": ("rlhf.stages.dpo", "Direct Preference Optimization on the same comparisons"),
     "eval": ("rlhf.evaluate", "evaluate policy checkpoints: reward, gold, KL, win rate, diversity"),
     "loop": ("rlhf.loop", "run the whole RLHF loop from a config, resumable"),

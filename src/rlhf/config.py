@@ -20,8 +20,14 @@ import yaml
 from rlhf.errors import UserError
 
 
-def option(default: Any, help: str, *, choices: tuple | None = None, low: float | None = None,
-           high: float | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    low: float | None = None,
+    high: float | None = None,
+) -> Any:
     """A config field: its default, a help string, and optional allowed values or an inclusive range."""
     meta = {"help": help, "choices": choices, "low": low, "high": high}
     if dataclasses.is_dataclass(default) or isinstance(default, (list, dict)):
@@ -39,9 +45,15 @@ def _copy(value: Any) -> Any:
 class ModelConfig:
     """Which model to start from: a preset built from scratch, or a local Hugging Face checkpoint."""
 
-    path: str = option("", "local Hugging Face checkpoint folder to start from; empty = build `preset` from scratch")
-    preset: str = option("tiny", "architecture when building from scratch", choices=("tiny", "small", "medium"))
-    tokenizer: str = option("", "local tokenizer folder; empty = the checkpoint's own, or train one on the corpus")
+    path: str = option(
+        "", "local Hugging Face checkpoint folder to start from; empty = build `preset` from scratch"
+    )
+    preset: str = option(
+        "tiny", "architecture when building from scratch", choices=("tiny", "small", "medium")
+    )
+    tokenizer: str = option(
+        "", "local tokenizer folder; empty = the checkpoint's own, or train one on the corpus"
+    )
     vocab_size: int = option(8192, "BPE vocabulary size when a tokenizer is trained", low=260, high=1_000_000)
     context: int = option(0, "context length when building; 0 = the preset's", low=0, high=1_000_000)
     dropout: float = option(0.0, "dropout when building from scratch", low=0.0, high=0.9)
@@ -226,14 +238,17 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise UserError(f"config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise UserError(
+            f"config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from None
     if not isinstance(data, dict):
         raise UserError(f"config file {path}: expected a mapping of fields at the top level")
     return data
 
 
-def load_config(cls: type, config_file: str | None = None, overrides: typing.Sequence[str] = (),
-                extra: dict | None = None) -> Any:
+def load_config(
+    cls: type, config_file: str | None = None, overrides: typing.Sequence[str] = (), extra: dict | None = None
+) -> Any:
     """Defaults <- YAML file <- `extra` mapping <- `key=value` overrides; then type checks and `validate()`."""
     tree: dict = read_yaml(config_file) if config_file else {}
     for key, value in (extra or {}).items():

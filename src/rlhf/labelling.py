@@ -1,7 +1,7 @@
 """`rlhf label <verb>`: the feedback app's commands and the synthetic labellers, under one name.
 
-    rlhf label serve | import | export | annotator ...   the human feedback app (rlhf.feedback)
-    rlhf label synthetic ...                             a programmatic or gold-model labeller (rlhf.labellers)
+rlhf label serve | import | export | annotator ...   the human feedback app (rlhf.feedback)
+rlhf label synthetic ...                             a programmatic or gold-model labeller (rlhf.labellers)
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ import importlib
 from rlhf.errors import UserError
 
 VERBS = {
-    "synthetic": ("rlhf.labellers", "rank sampled responses with a synthetic labeller (gold model or rubric)"),
+    "synthetic": (
+        "rlhf.labellers",
+        "rank sampled responses with a synthetic labeller (gold model or rubric)",
+    ),
     "serve": ("rlhf.feedback.cli", "start the feedback web app on 127.0.0.1"),
     "import": ("rlhf.feedback.cli", "import a `rlhf sample` JSONL as a labelling batch"),
     "export": ("rlhf.feedback.cli", "export feedback as comparisons, SFT data and TRL pairs"),
@@ -22,7 +25,8 @@ VERBS = {
 
 def usage() -> str:
     return "usage: rlhf label <verb> ...\n\nverbs:\n" + "\n".join(
-        f"  {verb:<10} {desc}" for verb, (_, desc) in VERBS.items())
+        f"  {verb:<10} {desc}" for verb, (_, desc) in VERBS.items()
+    )
 
 
 def main(argv: list[str]) -> int:

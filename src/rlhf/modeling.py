@@ -43,8 +43,12 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
@@ -81,10 +85,17 @@ def build_model(preset: str, tokenizer: Any, context: int = 0, dropout: float = 
     shape = dict(PRESETS[preset])
     if context:
         shape["n_positions"] = context
-    config = GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, tie_word_embeddings=True,
-                        **shape)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
+        tie_word_embeddings=True,
+        **shape,
+    )
     return GPT2LMHeadModel(config)
 
 
@@ -118,7 +129,9 @@ def resize_for_tokenizer(model: Any, tokenizer: Any) -> None:
     model.config.bos_token_id = tokenizer.bos_token_id
 
 
-def load_policy(model_path: str, tokenizer_path: str = "", dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+def load_policy(
+    model_path: str, tokenizer_path: str = "", dtype: torch.dtype | None = None
+) -> tuple[Any, Any]:
     """(model, tokenizer) from a local checkpoint folder; the tokenizer comes from the same folder by default."""
     tokenizer = load_tokenizer(tokenizer_path or model_path)
     model = load_causal_lm(model_path, dtype)

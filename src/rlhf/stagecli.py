@@ -34,13 +34,22 @@ def _is_bool_field(cls: type, dotted: str) -> bool:
 def format_help(cls: type, prog: str, description: str) -> str:
     rows = field_help(cls)
     width = max(len(r[0]) for r in rows) + 2
-    out = [f"usage: {prog} [--config FILE] [key=value ...] [--key value ...]"
-           + "".join(f" [{p}]" for p in cls.POSITIONAL), "", description, "",
-           "options:", "  --config FILE     YAML preset (see configs/); later overrides win",
-           "  --print-config    print the resolved config as YAML and exit", "", "config fields:"]
+    out = [
+        f"usage: {prog} [--config FILE] [key=value ...] [--key value ...]"
+        + "".join(f" [{p}]" for p in cls.POSITIONAL),
+        "",
+        description,
+        "",
+        "options:",
+        "  --config FILE     YAML preset (see configs/); later overrides win",
+        "  --print-config    print the resolved config as YAML and exit",
+        "",
+        "config fields:",
+    ]
     for name, tp, default, text in rows:
-        body = textwrap.fill(f"{text} ({tp}, default {default})", width=110 - width,
-                             subsequent_indent=" " * (width + 2))
+        body = textwrap.fill(
+            f"{text} ({tp}, default {default})", width=110 - width, subsequent_indent=" " * (width + 2)
+        )
         out.append(f"  {name:<{width}}{body}")
     return "\n".join(out)
 
@@ -70,8 +79,11 @@ def parse_stage_args(cls: type, argv: list[str], prog: str, description: str) ->
             if "=" in key:
                 overrides.append(key)
                 i += 1
-            elif _is_bool_field(cls, key) and (i + 1 >= len(argv) or argv[i + 1].startswith("--")
-                                               or argv[i + 1].lower() not in ("true", "false")):
+            elif _is_bool_field(cls, key) and (
+                i + 1 >= len(argv)
+                or argv[i + 1].startswith("--")
+                or argv[i + 1].lower() not in ("true", "false")
+            ):
                 overrides.append(f"{key}=true")
                 i += 1
             elif i + 1 < len(argv):
@@ -86,7 +98,7 @@ def parse_stage_args(cls: type, argv: list[str], prog: str, description: str) ->
             positionals.append(arg)
         i += 1
     if len(positionals) > len(cls.POSITIONAL):
-        extra = positionals[len(cls.POSITIONAL):]
+        extra = positionals[len(cls.POSITIONAL) :]
         raise UserError(f"unexpected argument(s): {' '.join(extra)} (see {prog} --help)")
     extra_fields = dict(zip(cls.POSITIONAL, positionals))
     config = load_config(cls, config_file, overrides, extra=extra_fields)

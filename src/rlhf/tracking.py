@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,14 @@ def start_run(config: Any, stage: str) -> Path:
     import torch
 
     out = stage_dir(config, stage)
+    if not getattr(config, "resume", False):
+        # A fresh run replaces an old one's history; `resume=true` keeps it and continues.
+        for old in ("checkpoints", "tb", "metrics.jsonl"):
+            target = out / old
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
     out.mkdir(parents=True, exist_ok=True)
     save_config(config, out / "config.yaml")
     setup_logging(out / "log.txt")
@@ -81,8 +90,10 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=str(Path(out_dir) / "tb"))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        clean = {k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v)
-                 for k, v in metrics.items()}
+        clean = {
+            k: (float(v) if isinstance(v, (int, float)) or hasattr(v, "item") else v)
+            for k, v in metrics.items()
+        }
         record = {"step": step, "time": round(time.time(), 3), **clean}
         self._file.write(json.dumps(record, allow_nan=True) + "\n")
         self._file.flush()
@@ -108,8 +119,11 @@ def truncate_metrics(path: Path, after_step: int) -> None:
     """Drop rows past `after_step` (a resumed run re-logs the steps it redoes)."""
     if not path.exists():
         return
-    keep = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", -1) <= after_step]
+    keep = [
+        line
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and json.loads(line).get("step", -1) <= after_step
+    ]
     path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
 
 
@@ -118,5 +132,12 @@ def progress(total: int, desc: str, initial: int = 0, unit: str = "step"):
     from tqdm.auto import tqdm
 
     disable = not (sys.stderr.isatty() or os.environ.get("RLHF_PROGRESS") == "1")
-    return tqdm(total=total, desc=desc, initial=initial, unit=unit, dynamic_ncols=True, disable=disable,
-                mininterval=0.5)
+    return tqdm(
+        total=total,
+        desc=desc,
+        initial=initial,
+        unit=unit,
+        dynamic_ncols=True,
+        disable=disable,
+        mininterval=0.5,
+    )

@@ -58,7 +58,9 @@ class Comparison:
     labeller: str = ""  # annotator id, or the synthetic labeller's name
     labelled_at: str = ""  # ISO 8601 time
     policies: list[str] = field(default_factory=list)  # producer of each response ("" when unknown)
-    response_token_ids: list[list[int]] | None = None  # the sampled ids, when known: used verbatim for scoring
+    response_token_ids: list[list[int]] | None = (
+        None  # the sampled ids, when known: used verbatim for scoring
+    )
     meta: dict = field(default_factory=dict)  # e.g. {"critique": ..., "source": "hh-rlhf"}
 
 
@@ -144,8 +146,11 @@ def _need(obj: dict, key: str, types: type | tuple, where: str) -> Any:
     if key not in obj:
         raise UserError(f"{where}: missing field '{key}'")
     value = obj[key]
-    if not isinstance(value, types) or isinstance(value, bool) and bool not in (
-            types if isinstance(types, tuple) else (types,)):
+    if (
+        not isinstance(value, types)
+        or isinstance(value, bool)
+        and bool not in (types if isinstance(types, tuple) else (types,))
+    ):
         name = types.__name__ if isinstance(types, type) else "/".join(t.__name__ for t in types)
         raise UserError(f"{where}: field '{key}' must be {name}, got {type(value).__name__}")
     return value
@@ -171,15 +176,21 @@ def read_samples(path: str | Path) -> list[SampleRecord]:
             if not isinstance(r, dict) or not isinstance(r.get("text"), str):
                 raise UserError(f"{where}: responses[{i}] needs a string field 'text'")
             responses.append(Response(**_known(Response, r)))
-        records.append(SampleRecord(prompt_id=str(obj.get("prompt_id", lineno)), prompt=prompt,
-                                    responses=responses, meta=obj.get("meta") or {}))
+        records.append(
+            SampleRecord(
+                prompt_id=str(obj.get("prompt_id", lineno)),
+                prompt=prompt,
+                responses=responses,
+                meta=obj.get("meta") or {},
+            )
+        )
     if not records:
         raise UserError(f"samples file {path} holds no records")
     return records
 
 
 def parse_comparison(obj: dict, where: str) -> Comparison:
-    prompt = _need(obj, "prompt", str, where)
+    _need(obj, "prompt", str, where)
     responses = _need(obj, "responses", list, where)
     ranks = _need(obj, "ranks", list, where)
     if len(responses) < 2:
@@ -191,10 +202,14 @@ def parse_comparison(obj: dict, where: str) -> Comparison:
         raise UserError(f"{where}: field 'ranks' {problem}")
     record = Comparison(**_known(Comparison, obj))
     if record.policies and len(record.policies) != len(responses):
-        raise UserError(f"{where}: field 'policies' has {len(record.policies)} entries for {len(responses)} responses")
+        raise UserError(
+            f"{where}: field 'policies' has {len(record.policies)} entries for {len(responses)} responses"
+        )
     if record.response_token_ids is not None and len(record.response_token_ids) != len(responses):
-        raise UserError(f"{where}: field 'response_token_ids' has {len(record.response_token_ids)} entries "
-                        f"for {len(responses)} responses")
+        raise UserError(
+            f"{where}: field 'response_token_ids' has {len(record.response_token_ids)} entries "
+            f"for {len(responses)} responses"
+        )
     return record
 
 
