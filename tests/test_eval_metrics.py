@@ -1,0 +1,114 @@
+"""Every evaluation metric against a number worked out by hand (the arithmetic is in the comments)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.eval_metrics import (
+    best_of_n_kl,
+    bleu,
+    distinct_n,
+    entropy_from_logprobs,
+    mean_token_entropy,
+    self_bleu,
+    sequence_kl,
+    stderr,
+    win_rate,
+    win_rate_from_ranks,
+    words,
+)
+
+
+def test_words_split_punctuation_and_lowercase():
+    assert words("The cat, the HAT!") == ["the", "cat", ",", "the", "hat", "!"]
+
+
+def test_distinct_n_by_hand():
+    texts = ["the cat sat", "the cat ran"]
+    # unigrams: the cat sat the cat ran -> 6 in all, {the, cat, sat, ran} 4 distinct
+    assert distinct_n(texts, 1) == pytest.approx(4 / 6)
+    # bigrams: (the cat) (cat sat) (the cat) (cat ran) -> 4 in all, 3 distinct
+    assert distinct_n(texts, 2) == pytest.approx(3 / 4)
+    # spam has one distinct bigram out of three
+    assert distinct_n(["happy happy happy happy"], 2) == pytest.approx(1 / 3)
+    assert distinct_n(["one"], 2) == 0.0  # no bigram at all
+
+
+def test_bleu_by_hand():
+    a, b = words("a b c"), words("a b d")
+    # p1 = 2/3 (a, b match); p2 = (1 + 1) / (2 + 1) = 2/3 ((a b) matches); equal lengths -> no brevity penalty
+    assert bleu(a, [b], max_n=2) == pytest.approx(2 / 3)
+    # with 4-grams: p3 = (0 + 1) / (1 + 1) = 1/2, p4 = (0 + 1) / (0 + 1) = 1
+    assert bleu(a, [b], max_n=4) == pytest.approx((2 / 3 * 2 / 3 * 1 / 2 * 1) ** 0.25)
+    # brevity penalty: c = 2 < r = 4 -> exp(1 - 4/2); p1 = 1
+    assert bleu(words("a b"), [words("a b c d")], max_n=1) == pytest.approx(math.exp(-1))
+    # clipping takes the max count over references: "a a" vs ["a b", "a a"] -> p1 = 2/2
+    assert bleu(words("a a"), [words("a b"), words("a a")], max_n=1) == pytest.approx(1.0)
+    # clipped by a single reference: "a a" vs ["a b"] -> p1 = 1/2
+    assert bleu(words("a a"), [words("a b")], max_n=1) == pytest.approx(0.5)
+    assert bleu(words("x y"), [words("a b")], max_n=2) == 0.0
+
+
+def test_self_bleu_by_hand():
+    # symmetric pair: each scores 2/3 against the other (see above)
+    assert self_bleu(["a b c", "a b d"], max_n=2) == pytest.approx(2 / 3)
+    assert self_bleu(["same words here"] * 3) == pytest.approx(1.0)
+    assert self_bleu(["a b", "c d"], max_n=2) == 0.0
+    assert self_bleu(["only one"]) == 0.0
+    # three texts: "a b" vs refs {"a c", "d e"}: p1 = 1/2, p2 = (0+1)/(1+1) = 1/2 -> 1/2; "a c" likewise 1/2;
+    # "d e" shares nothing -> 0. Mean = 1/3.
+    assert self_bleu(["a b", "a c", "d e"], max_n=2) == pytest.approx(1 / 3)
+
+
+def test_entropy_estimates_by_hand():
+    logprobs = torch.tensor([[-1.0, -2.0, -9.0], [-3.0, -7.0, -7.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    # masked tokens: -1, -2, -3 -> mean of their negatives = 2
+    assert mean_token_entropy(logprobs, mask) == pytest.approx(2.0)
+    uniform = torch.full((1, 2, 4), math.log(1 / 4))  # two steps, uniform over 4 tokens
+    assert entropy_from_logprobs(uniform, torch.tensor([[True, True]])) == pytest.approx(math.log(4))
+    peaked = torch.log(torch.tensor([[[0.5, 0.5, 1e-30]]]))
+    assert entropy_from_logprobs(peaked, torch.tensor([[True]])) == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_sequence_kl_by_hand():
+    policy = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, -0.5]])
+    ref = torch.tensor([[-1.5, -1.0, -8.0], [-1.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    # row 0: (-1 + 1.5) + (-2 + 1) = -0.5 (third token masked); row 1: 3 * 0.5 = 1.5
+    assert sequence_kl(policy, ref, mask).tolist() == pytest.approx([-0.5, 1.5])
+
+
+def test_win_rate_counts_ties_half():
+    # win, tie, win, tie -> (1 + 0.5 + 1 + 0.5) / 4
+    assert win_rate([5, 1, 4, 0], [1, 1, 3, 0]) == pytest.approx(0.75)
+    # win, tie, loss -> 1.5 / 3
+    assert win_rate([2, 2, 2], [1, 2, 3]) == pytest.approx(0.5)
+    # rank pairs: response 0 is the policy; [1, 2] = policy better, [1, 1] = tie, [2, 1] = worse
+    assert win_rate_from_ranks([[1, 2], [1, 1], [2, 1], [2, 1]]) == pytest.approx(1.5 / 4)
+    with pytest.raises(ValueError):
+        win_rate([1.0], [1.0, 2.0])
+
+
+def test_best_of_n_kl_analytic_and_exact_on_a_discrete_base():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)  # 0.1931
+    assert best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)  # 0.6363
+    # Exact KL of best-of-n against a uniform base over M items with distinct rewards: the best of n draws is item i
+    # (1 = worst) with probability (i/M)^n - ((i-1)/M)^n. As M grows this tends to the analytic value.
+    big_m, n = 20000, 8
+    i = torch.arange(1, big_m + 1, dtype=torch.float64)
+    p = (i / big_m) ** n - ((i - 1) / big_m) ** n
+    exact = float((p * torch.log(p * big_m)).sum())
+    assert exact == pytest.approx(best_of_n_kl(n), abs=2e-3)
+    with pytest.raises(ValueError):
+        best_of_n_kl(0)
+
+
+def test_stderr_by_hand():
+    # values 1, 2, 3: sample variance 1 -> stderr sqrt(1/3)
+    assert stderr([1.0, 2.0, 3.0]) == pytest.approx(math.sqrt(1 / 3))
+    assert stderr([4.0]) == 0.0
