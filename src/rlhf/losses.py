@@ -51,7 +51,150 @@ def masked_whiten(
 
 # ---------------------------------------------------------------------------------------------------------------
 # PPO
+#
+# Tensors are (B, T) over response tokens; `mask` is 1 on real response tokens (the EOS included), 0 on padding.
+# Losses take an optional `normalizer` (the number of real tokens of the whole minibatch): summing token losses
+# and dividing by it makes 2 accumulated half-minibatches give exactly the gradient of 1 full minibatch.
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 0.95
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, https://arxiv.org/abs/1506.02438), vectorised.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t (V = 0 past the last real token), A_t = sum_k (gamma*lam)^k delta_{t+k}.
+    Computed as one (B, T) x (T, T) product with the discount matrix instead of a Python loop over T.
+    Returns (advantages, returns = advantages + values), both zero on padding.
+    """
+    m = mask.to(values.dtype)
+    values, rewards = values * m, rewards * m  # (B, T)
+    next_values = torch.nn.functional.pad(values[:, 1:], (0, 1))  # (B, T): V_{t+1}, 0 after the end
+    deltas = (rewards + gamma * next_values - values) * m  # (B, T)
+    steps = torch.arange(values.shape[1], device=values.device)
+    offset = steps[None, :] - steps[:, None]  # (T, T): k - t
+    powers = (gamma * lam) ** offset.clamp(min=0).to(values.dtype)  # (T, T)
+    discount = torch.where(offset >= 0, powers, torch.zeros((), dtype=values.dtype))  # upper triangle
+    advantages = (deltas @ discount.T) * m  # (B, T)
+    return advantages, (advantages + values) * m
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k1 = log p(x) - log p_ref(x) for x ~ p: unbiased for KL(p||p_ref), high variance, can be < 0."""
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 = (r - 1) - log r with r = p_ref/p (http://joschu.net/blog/kl-approx.html): unbiased, >= 0."""
+    log_ratio = ref_logprobs - logprobs
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate (Schulman et al. 2017, https://arxiv.org/abs/1707.06347), to minimise:
+
+    mean over tokens of max(-A * ratio, -A * clip(ratio, 1-eps, 1+eps)), ratio = exp(logp - logp_old).
+    Stats (no grad): clipfrac (share of tokens where the clipped term was chosen), approx_kl (k3 of old vs new),
+    ratio (mean).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = _token_reduce(per_token, mask, normalizer)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((clipped > unclipped).to(per_token.dtype), mask),
+            "approx_kl": masked_mean(torch.expm1(-log_ratio) + log_ratio, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float = 0.2,
+    normalizer: float | torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: 0.5 * max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2), token mean."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip, clip)
+    loss_unclipped = (values - returns) ** 2
+    loss_clipped = (clipped_values - returns) ** 2
+    per_token = 0.5 * torch.maximum(loss_unclipped, loss_clipped)
+    loss = _token_reduce(per_token, mask, normalizer)
+    with torch.no_grad():
+        stats = {"clipfrac": masked_mean((loss_clipped > loss_unclipped).to(per_token.dtype), mask)}
+    return loss, stats
+
+
+def _token_reduce(
+    per_token: torch.Tensor, mask: torch.Tensor, normalizer: float | torch.Tensor | None
+) -> torch.Tensor:
+    if normalizer is None:
+        return masked_mean(per_token, mask)
+    return masked_sum(per_token, mask) / normalizer
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last axis: logsumexp(z) - sum softmax(z) * z. (..., V) -> (...)."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[R - V] / Var[R] over masked tokens: 1 = perfect value predictions, 0 = no better than a constant."""
+    var_returns = masked_var(returns, mask, unbiased=False)
+    var_error = masked_var(returns - values, mask, unbiased=False)
+    return 1.0 - var_error / var_returns.clamp(min=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # DPO
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,  # (B,) summed log-prob of each chosen response under the policy
+    policy_rejected_logps: torch.Tensor,  # (B,)
+    ref_chosen_logps: torch.Tensor,  # (B,) the same under the frozen reference
+    ref_rejected_logps: torch.Tensor,  # (B,)
+    beta: float = 0.1,
+    label_smoothing: float = 0.0,
+    loss_type: str = "sigmoid",
+    chosen_lengths: torch.Tensor | None = None,  # (B,) response token counts, used by "ipo" only
+    rejected_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO losses (B,) and the implicit rewards beta*log(pi/ref) of chosen and rejected (B,), detached.
+
+    "sigmoid" is DPO (Rafailov et al. 2023, https://arxiv.org/abs/2305.18290, eq. 7):
+    -log sigmoid(beta * h) with h = (log pi_c - log ref_c) - (log pi_r - log ref_r); with `label_smoothing` e > 0
+    it is conservative DPO, which assumes a fraction e of labels is flipped: -(1-e) log s(beta h) - e log s(-beta h).
+    "ipo" is IPO (Azar et al. 2023, https://arxiv.org/abs/2310.12036, eq. 17): (h - 1/(2 beta))^2, with each
+    log-ratio divided by its response length when lengths are given (per-token averages, as its authors use).
+    """
+    chosen_ratio = policy_chosen_logps - ref_chosen_logps
+    rejected_ratio = policy_rejected_logps - ref_rejected_logps
+    chosen_rewards, rejected_rewards = beta * chosen_ratio.detach(), beta * rejected_ratio.detach()
+    if loss_type == "sigmoid":
+        h = chosen_ratio - rejected_ratio
+        losses = -(1.0 - label_smoothing) * torch.nn.functional.logsigmoid(beta * h)
+        if label_smoothing:
+            losses = losses - label_smoothing * torch.nn.functional.logsigmoid(-beta * h)
+    elif loss_type == "ipo":
+        if chosen_lengths is not None and rejected_lengths is not None:
+            chosen_ratio = chosen_ratio / chosen_lengths.to(chosen_ratio.dtype).clamp(min=1.0)
+            rejected_ratio = rejected_ratio / rejected_lengths.to(rejected_ratio.dtype).clamp(min=1.0)
+        losses = (chosen_ratio - rejected_ratio - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r} (sigmoid or ipo)")
+    return losses, chosen_rewards, rejected_rewards

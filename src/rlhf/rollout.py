@@ -1,0 +1,134 @@
+"""One PPO rollout batch in one dataclass, and the plumbing from scores to advantages.
+
+Layout (B prompts, prompt columns P, response columns T, L = P + T):
+
+    input_ids   [pad pad BOS Human: ... Assistant:][ r0 r1 ... EOS pad pad ]
+                 <------------- P ------------------><--------- T --------->
+                                                     ^ response_start = P
+
+Prompts are left-padded and responses right-padded, so response token t of every row sits at column P + t and the
+state before it (the logits that predict it) at column P + t - 1. Every per-token tensor is (B, T) over response
+positions; `response_mask` is True on real response tokens, the first EOS included, False on padding.
+
+Rewards (Ziegler et al. 2019; Stiennon et al. 2020): each response token gets the per-token KL penalty
+`-beta * (logp - logp_ref)`, and the last real token also gets the reward model's score. Padding gets nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from rlhf.losses import gae, kl_k1, masked_whiten
+
+
+@dataclass
+class Rollout:
+    """Everything one PPO iteration needs about its sampled batch. Shapes in comments; None until computed."""
+
+    input_ids: torch.Tensor  # (B, L) long: left-padded prompt ids, then right-padded response ids
+    attention_mask: torch.Tensor  # (B, L) long: 1 on real prompt and response tokens
+    response_start: int  # P: column of the first response token in every row
+    response_ids: torch.Tensor  # (B, T) long: sampled tokens, cut after the first EOS, pad id after it
+    response_mask: torch.Tensor  # (B, T) bool: True on real response tokens (EOS included)
+    logprobs: torch.Tensor  # (B, T) float: log pi_old(token) at the sampling temperature, 0 on padding
+    finished: torch.Tensor  # (B,) bool: the response ended with EOS
+    ref_logprobs: torch.Tensor | None = None  # (B, T) float: log pi_ref(token) at the sampling temperature
+    values: torch.Tensor | None = (
+        None  # (B, T) float: V(state before token t) from the value model at sampling
+    )
+    raw_scores: torch.Tensor | None = None  # (B,) float: the reward model's (normalised) score as read
+    scores: torch.Tensor | None = None  # (B,) float: score after the missing-EOS rule, scaling and clipping
+    kl: torch.Tensor | None = None  # (B, T) float: per-token k1 = logp - logp_ref, 0 on padding
+    rewards: torch.Tensor | None = (
+        None  # (B, T) float: -beta * kl on every token + score on the last real one
+    )
+    advantages: torch.Tensor | None = None  # (B, T) float: GAE advantages, whitened over real tokens
+    returns: torch.Tensor | None = None  # (B, T) float: advantages + values (before whitening), value targets
+
+    @property
+    def batch_size(self) -> int:
+        return self.response_ids.shape[0]
+
+    @property
+    def lengths(self) -> torch.Tensor:  # (B,) long: real response tokens per row
+        return self.response_mask.sum(1)
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        """The rows `index` (a minibatch), every tensor field sliced alike."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value[index] if isinstance(value, torch.Tensor) else value
+        return replace(self, **out)
+
+
+def shape_scores(
+    raw_scores: torch.Tensor,
+    finished: torch.Tensor,
+    *,
+    missing_eos: str = "penalty",
+    missing_eos_value: float = 0.0,
+    scale: float = 1.0,
+    clip: float = 0.0,
+) -> torch.Tensor:
+    """Score each response gets as its final reward (B,).
+
+    missing_eos: "penalty" subtracts `missing_eos_value` from responses that never produced EOS, "replace" gives them
+    `missing_eos_value` as their score, "none" leaves them alone. Then the score is multiplied by `scale` and, when
+    `clip` > 0, clipped to [-clip, clip].
+    """
+    scores = raw_scores.float().clone()
+    if missing_eos == "penalty":
+        scores = torch.where(finished, scores, scores - missing_eos_value)
+    elif missing_eos == "replace":
+        scores = torch.where(finished, scores, torch.full_like(scores, missing_eos_value))
+    elif missing_eos != "none":
+        raise ValueError(f"missing_eos must be penalty, replace or none, not {missing_eos!r}")
+    scores = scores * scale
+    if clip > 0:
+        scores = scores.clamp(-clip, clip)
+    return scores
+
+
+def layout_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards (B, T) and per-token k1 KL (B, T).
+
+    rewards[b, t] = -kl_coef * (logp - logp_ref)[b, t] on real tokens, + scores[b] at the last real token of row b,
+    0 on padding. Assumes each row's mask is a prefix (right padding) with at least one real token.
+    """
+    m = mask.to(logprobs.dtype)
+    kl = kl_k1(logprobs, ref_logprobs) * m  # (B, T)
+    rewards = -kl_coef * kl  # (B, T)
+    last = (mask.long().sum(1) - 1).clamp(min=0)  # (B,)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def finish_rollout(
+    rollout: Rollout,
+    kl_coef: float,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    whiten_rewards: bool = False,
+    whiten_advantages: bool = True,
+) -> Rollout:
+    """Fill rewards, kl, advantages and returns from scores, log-probs and values (all already in `rollout`)."""
+    mask = rollout.response_mask
+    rewards, kl = layout_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, mask, shift_mean=False)
+    advantages, returns = gae(rewards, rollout.values, mask, gamma, lam)
+    if whiten_advantages:
+        advantages = masked_whiten(advantages, mask)
+    rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = rewards, kl, advantages, returns
+    return rollout

@@ -1,0 +1,154 @@
+"""PPO losses and estimators against hand-computed numbers and plain-loop references."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf.kl_control import AdaptiveKLController, FixedKLController, make_kl_controller
+from rlhf.losses import (
+    entropy_from_logits,
+    explained_variance,
+    gae,
+    kl_k1,
+    kl_k3,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+
+
+def gae_loop(rewards, values, mask, gamma, lam):
+    """The textbook backwards loop, one row and one real token at a time."""
+    adv = torch.zeros_like(rewards)
+    for b in range(rewards.shape[0]):
+        n = int(mask[b].sum())
+        last = 0.0
+        for t in reversed(range(n)):
+            next_value = values[b, t + 1] if t + 1 < n else 0.0
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            last = delta + gamma * lam * last
+            adv[b, t] = last
+    return adv, (adv + values) * mask
+
+
+def test_gae_hand_numbers():
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 9.0]])
+    values = torch.tensor([[0.5, 0.6, 0.7, 9.0]])  # the 4th column is padding: ignored
+    mask = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.95)
+    # deltas 0.1, 0.1, 0.3 -> A2 = 0.3, A1 = 0.1 + 0.95*0.3, A0 = 0.1 + 0.95*A1
+    expected = torch.tensor([[0.46575, 0.385, 0.3, 0.0]])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(ret, torch.tensor([[0.96575, 0.985, 1.0, 0.0]]))
+
+
+@pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.99, 0.9), (1.0, 1.0), (0.9, 0.0)])
+def test_gae_vectorised_equals_loop(gamma, lam):
+    gen = torch.Generator().manual_seed(0)
+    B, T = 5, 17
+    rewards = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    values = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([17, 1, 9, 16, 4])
+    mask = torch.arange(T)[None, :] < lengths[:, None]
+    adv, ret = gae(rewards, values, mask, gamma, lam)
+    ref_adv, ref_ret = gae_loop(rewards, values, mask.double(), gamma, lam)
+    torch.testing.assert_close(adv, ref_adv)
+    torch.testing.assert_close(ret, ref_ret)
+
+
+def test_masked_whiten_ignores_padding():
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    out = masked_whiten(values, mask)
+    torch.testing.assert_close(out, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0)
+    kept_mean = masked_whiten(values, mask, shift_mean=False)
+    torch.testing.assert_close(kept_mean, torch.tensor([[1.0, 2.0, 3.0, 0.0]]), atol=1e-6, rtol=0)
+
+
+def test_policy_loss_hand_numbers_and_gradient():
+    old = torch.zeros(1, 4)
+    new = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.7]])).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, stats = policy_loss(new, old, adv, mask, clip=0.2)
+    # per token: max(-A r, -A clip(r)) = -1.2 (clipped), -0.5, 1.1, 0.8 (clipped)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 1.1 + 0.8) / 4)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    assert stats["ratio"].item() == pytest.approx((1.5 + 0.5 + 1.1 + 0.7) / 4)
+    loss.backward()
+    # d/dlogp of -A*r is -A*r where unclipped, 0 where the clipped branch is taken
+    torch.testing.assert_close(new.grad, torch.tensor([[0.0, -0.5, 1.1, 0.0]]) / 4)
+    masked, mstats = policy_loss(new.detach(), old, adv, torch.tensor([[1, 1, 1, 0]]), clip=0.2)
+    assert masked.item() == pytest.approx((-1.2 - 0.5 + 1.1) / 3)
+    assert mstats["clipfrac"].item() == pytest.approx(1 / 3)
+    summed, _ = policy_loss(new.detach(), old, adv, mask, clip=0.2, normalizer=8.0)
+    assert summed.item() == pytest.approx(0.2 / 8)
+
+
+def test_approx_kl_is_k3_of_old_and_new():
+    old = torch.log(torch.tensor([[0.5, 0.25]]))
+    new = torch.log(torch.tensor([[0.25, 0.25]]))
+    _, stats = policy_loss(new, old, torch.zeros(1, 2), torch.ones(1, 2), clip=0.2)
+    # token 0: ratio 0.5 -> (1/0.5 - 1) - log(1/0.5) = 1 - log 2; token 1: 0
+    assert stats["approx_kl"].item() == pytest.approx((1 - math.log(2)) / 2)
+
+
+def test_value_loss_hand_numbers():
+    old = torch.zeros(1, 4)
+    values = torch.tensor([[0.5, -0.1, 0.3, 7.0]], requires_grad=True)
+    returns = torch.tensor([[1.0, 1.0, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    loss, stats = value_loss(values, old, returns, mask, clip=0.2)
+    # max of unclipped/clipped squared errors: 0.64 (clipped), 1.21, 1.69 (unclipped); 0.5 * mean
+    assert loss.item() == pytest.approx(0.5 * (0.64 + 1.21 + 1.69) / 3)
+    assert stats["clipfrac"].item() == pytest.approx(1 / 3)
+    loss.backward()
+    # token 0 takes the clipped branch (no gradient), token 1: (v-R)/3, token 2: (v-R)/3, padding 0
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, -1.1 / 3, 1.3 / 3, 0.0]]))
+
+
+def test_kl_estimators_hand_numbers_and_unbiased():
+    logp, ref = torch.log(torch.tensor([0.5])), torch.log(torch.tensor([0.25]))
+    assert kl_k1(logp, ref).item() == pytest.approx(math.log(2))
+    assert kl_k3(logp, ref).item() == pytest.approx(-0.5 + math.log(2))
+    # Monte Carlo: both estimators average to the exact KL(p || q) for x ~ p; k3 is never negative
+    p = torch.tensor([0.6, 0.3, 0.1])
+    q = torch.tensor([0.2, 0.5, 0.3])
+    exact = (p * (p / q).log()).sum().item()
+    x = torch.multinomial(p, 200_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    k1, k3 = kl_k1(p.log()[x], q.log()[x]), kl_k3(p.log()[x], q.log()[x])
+    assert k1.mean().item() == pytest.approx(exact, abs=0.01)
+    assert k3.mean().item() == pytest.approx(exact, abs=0.01)
+    assert (k3 >= 0).all() and (k1 < 0).any()
+    assert k3.var() < k1.var()
+
+
+def test_entropy_and_explained_variance():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]]])
+    ent = entropy_from_logits(logits)
+    torch.testing.assert_close(ent, torch.tensor([[math.log(4), 0.0]]), atol=1e-5, rtol=0)
+    returns = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert explained_variance(returns, returns, mask).item() == pytest.approx(1.0)
+    assert explained_variance(torch.full_like(returns, 2.0), returns, mask).item() == pytest.approx(0.0)
+    # V = [1, 1, 1]: error [0, 1, 2] has variance 2/3 against Var[R] = 2/3 -> 0
+    assert explained_variance(torch.ones_like(returns), returns, mask).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_adaptive_kl_controller_follows_ziegler_formula():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    assert ctl.update(9.0, 256) == pytest.approx(0.1 * (1 + 0.2 * 256 / 10_000))  # error clipped at +0.2
+    before = ctl.value
+    assert ctl.update(5.4, 256) == pytest.approx(before * (1 - 0.1 * 256 / 10_000))
+    before = ctl.value
+    assert ctl.update(0.0, 512) == pytest.approx(before * (1 - 0.2 * 512 / 10_000))  # clipped at -0.2
+    copy = make_kl_controller("adaptive", 1.0, 6.0, 10_000)
+    copy.load_state_dict(ctl.state_dict())
+    assert copy.value == ctl.value
+    fixed = FixedKLController(0.05)
+    assert fixed.update(100.0, 64) == 0.05
+    with pytest.raises(ValueError):
+        make_kl_controller("pid", 0.1)
