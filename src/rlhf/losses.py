@@ -49,6 +49,53 @@ def masked_whiten(
 # Reward model (ranking) losses
 
 
+def pairwise_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0, reduction: str = "mean"
+) -> torch.Tensor:
+    """Bradley-Terry: -log sigmoid(r_chosen - r_rejected - margin), per pair (reduction "none") or its mean."""
+    losses = -torch.nn.functional.logsigmoid(chosen - rejected - margin)
+    return losses.mean() if reduction == "mean" else losses
+
+
+def ranking_pair_mask(ranks: torch.Tensor) -> torch.Tensor:
+    """(B, K, K) bool: [b, i, j] is True when response i is ranked better than j (rank 0 = padding, no pairs).
+
+    Ties (equal ranks) give no pair; a ranking of K distinct ranks gives K(K-1)/2 pairs.
+    """
+    valid = ranks > 0  # (B, K)
+    better = ranks.unsqueeze(2) < ranks.unsqueeze(1)  # (B, K, K)
+    return better & valid.unsqueeze(2) & valid.unsqueeze(1)
+
+
+def ranking_loss(
+    scores: torch.Tensor, ranks: torch.Tensor, margin: torch.Tensor | float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """InstructGPT's K-way loss: every pair of one ranking, each response scored once.
+
+    scores (B, K) rewards; ranks (B, K) long, 1 = best, 0 marks a padded slot (rankings with fewer than K
+    responses). loss = mean over rankings of [mean over that ranking's pairs of -log sigmoid(r_w - r_l - margin)];
+    rankings without a pair (all tied) are left out. Returns (loss, stats) with stats "pairs" (count),
+    "accuracy" (fraction of pairs ordered right, ties of scores count half) and "margin" (mean r_w - r_l).
+    """
+    pairs = ranking_pair_mask(ranks)  # (B, K, K)
+    diff = scores.unsqueeze(2) - scores.unsqueeze(1)  # (B, K, K): r_i - r_j
+    losses = -torch.nn.functional.logsigmoid(diff - margin)
+    weight = pairs.to(scores.dtype)
+    per_ranking_pairs = weight.sum((1, 2))  # (B,)
+    has_pairs = per_ranking_pairs > 0
+    per_ranking = (losses * weight).sum((1, 2)) / per_ranking_pairs.clamp(min=1.0)
+    loss = per_ranking[has_pairs].mean() if has_pairs.any() else scores.sum() * 0.0
+    n = weight.sum().clamp(min=1.0)
+    with torch.no_grad():
+        right = (diff > 0).to(scores.dtype) + 0.5 * (diff == 0).to(scores.dtype)
+        stats = {
+            "pairs": weight.sum().detach(),
+            "accuracy": (right * weight).sum() / n,
+            "margin": (diff.detach() * weight).sum() / n,
+        }
+    return loss, stats
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # PPO
 #

@@ -1,0 +1,105 @@
+"""LoRA via PEFT: only adapters train, the reference is the base with adapters off, merged checkpoints are plain."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from rlhf.errors import UserError
+from rlhf.lora import (
+    LoraSettings,
+    apply_lora,
+    is_lora_model,
+    load_adapter_checkpoint,
+    merge_and_save,
+    reference_logprobs_with_adapters_disabled,
+)
+
+
+def _batch(tokenizer, n: int = 4, length: int = 12) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, len(tokenizer), (n, length), generator=g)
+
+
+def _train(model, ids: torch.Tensor, steps: int = 3) -> None:
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+def test_only_adapters_change_and_base_is_the_reference(tiny_tokenizer):
+    base = make_tiny_model(tiny_tokenizer, seed=3)
+    ids = _batch(tiny_tokenizer)
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits.clone()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = apply_lora(base, LoraSettings(enabled=True, r=4, alpha=8, target_modules=["c_attn", "c_fc"]))
+    assert is_lora_model(model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    _train(model, ids)
+    after = model.get_base_model().state_dict()
+    changed_lora = [k for k, v in after.items() if "lora_B" in k and v.abs().sum() > 0]
+    assert changed_lora  # B starts at zero: a nonzero B means the adapters learned
+    for key, value in before.items():  # PEFT renames adapted layers' weights to `<layer>.base_layer.weight`
+        new_key = key if key in after else key.rsplit(".", 1)[0] + ".base_layer." + key.rsplit(".", 1)[1]
+        assert torch.equal(after[new_key], value), key
+    with torch.no_grad():
+        tuned = model(input_ids=ids).logits
+    assert not torch.allclose(tuned, base_logits, atol=1e-4)
+    model.train()
+    with reference_logprobs_with_adapters_disabled(model) as ref:
+        assert not ref.training and not torch.is_grad_enabled()
+        ref_logits = ref(input_ids=ids).logits
+    assert model.training  # mode restored
+    torch.testing.assert_close(ref_logits, base_logits, rtol=0, atol=1e-6)
+
+
+def test_merged_checkpoint_is_plain_and_scores_the_same(tiny_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = apply_lora(make_tiny_model(tiny_tokenizer, seed=4), LoraSettings(enabled=True, r=4, alpha=16))
+    ids = _batch(tiny_tokenizer)
+    _train(model, ids)
+    model.save_pretrained(tmp_path / "adapter")  # what a LoRA checkpoint holds
+    with torch.no_grad():
+        unmerged = model(input_ids=ids).logits.clone()
+    merge_and_save(model, tiny_tokenizer, tmp_path / "merged")
+    files = {p.name for p in (tmp_path / "merged").iterdir()}
+    assert "adapter_config.json" not in files and "model.safetensors" in files
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert not any("lora" in k for k in plain.state_dict())
+    with torch.no_grad():
+        merged = plain(input_ids=ids).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-4)
+    # resuming from a checkpoint: fresh adapters on a fresh base, weights loaded, same scores
+    again = apply_lora(make_tiny_model(tiny_tokenizer, seed=4), LoraSettings(enabled=True, r=4, alpha=16))
+    load_adapter_checkpoint(again, tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(input_ids=ids).logits, unmerged, rtol=1e-5, atol=1e-5)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["r"] == 4
+
+
+def test_classifier_head_trains_and_bad_targets_are_named(tiny_tokenizer):
+    from transformers import GPT2ForSequenceClassification
+
+    config = make_tiny_model(tiny_tokenizer).config
+    config.num_labels = 1
+    rm = apply_lora(GPT2ForSequenceClassification(config), LoraSettings(enabled=True, r=2))
+    trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
+    assert any("score" in n for n in trainable) and any("lora_A" in n for n in trainable)
+    assert not any("wte" in n or "ln_f" in n for n in trainable)
+    with pytest.raises(UserError, match="lora.target_modules.*q_proj"):
+        apply_lora(make_tiny_model(tiny_tokenizer), LoraSettings(enabled=True, target_modules=["q_proj"]))
+    off = make_tiny_model(tiny_tokenizer)
+    assert apply_lora(off, LoraSettings()) is off
+    with pytest.raises(ValueError, match="no LoRA adapters"), reference_logprobs_with_adapters_disabled(off):
+        pass
