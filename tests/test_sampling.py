@@ -1,0 +1,178 @@
+"""The sampler: log-probs equal one full forward, greedy equals `model.generate`, seeds, EOS handling, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_model
+from rlhf.data.template import encode_prompt
+from rlhf.errors import UserError
+from rlhf.sampling import _left_pad, generate, join_prompt_response, token_logprobs
+
+PROMPTS = [
+    "Tell me a story about a fox.",
+    "Hi",
+    "What is the best thing to do on a sunny day in the forest with three good friends?",
+    "Why is the sky blue?",
+    "Name a colour.",
+    "Write a short poem about the sea and the moon.",
+]
+
+
+def eos_prone_model(tokenizer, seed: int = 0, strength: float = 0.05):
+    """A random tiny GPT-2 whose EOS logit is raised so responses end at mixed lengths (a few % per step)."""
+    model = make_tiny_model(tokenizer, seed=seed)
+    with torch.no_grad():
+        direction = torch.randn(model.config.n_embd, generator=torch.Generator().manual_seed(seed))
+        model.transformer.ln_f.bias.copy_(direction)
+        model.lm_head.weight[tokenizer.eos_token_id] = direction * strength  # tied with wte
+    return model
+
+
+def peaked_model(tokenizer, seed: int = 0):
+    """A random tiny GPT-2 with large weights: varied, confident greedy continuations (no near-ties)."""
+    model = make_tiny_model(tokenizer, seed=seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(6.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(tiny_tokenizer):
+    return [encode_prompt(tiny_tokenizer, p) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_logprobs_equal_one_full_forward(tiny_tokenizer, prompt_ids, fast):
+    model = eos_prone_model(tiny_tokenizer, strength=0.02)
+    lengths = {len(p) for p in prompt_ids}
+    assert len(lengths) > 3  # left padding with mixed prompt lengths
+    gen = generate(
+        model,
+        tiny_tokenizer,
+        prompt_ids * 2,
+        max_new_tokens=24,
+        temperature=0.7,
+        top_k=50,
+        top_p=0.9,
+        generator=torch.Generator().manual_seed(1),
+        fast=fast,
+    )
+    lengths = gen.response_mask.sum(1)
+    assert gen.finished.any() and not gen.finished.all()  # mixed response lengths, some cut at max_new
+    assert len(set(lengths.tolist())) > 2
+    ids, mask, start = join_prompt_response(
+        prompt_ids * 2, gen.response_ids, gen.response_mask, tiny_tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        full = token_logprobs(model, ids, mask, temperature=0.7)[:, start - 1 :]
+    assert full.shape == gen.logprobs.shape
+    real = gen.response_mask
+    torch.testing.assert_close(gen.logprobs[real], full[real], atol=2e-5, rtol=1e-5)
+    assert (gen.logprobs[~real] == 0).all()
+    # top-k/top-p only shape the sampling: a token sampled with top_k=50 is always inside the top 50.
+    assert (gen.logprobs[real] <= 0).all()
+
+
+def test_fast_greedy_equals_model_generate(tiny_tokenizer, prompt_ids):
+    model = peaked_model(tiny_tokenizer)
+    ids, mask = _left_pad(prompt_ids, tiny_tokenizer.pad_token_id, "cpu")
+    reference = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        max_new_tokens=30,
+        do_sample=False,
+        pad_token_id=tiny_tokenizer.pad_token_id,
+        eos_token_id=tiny_tokenizer.eos_token_id,
+    )[:, ids.shape[1] :]
+    gen = generate(model, tiny_tokenizer, prompt_ids, max_new_tokens=30, greedy=True)
+    assert len({tuple(r) for r in reference.tolist()}) == len(prompt_ids)  # not a degenerate constant output
+    width = gen.response_ids.shape[1]
+    assert width == reference.shape[1]
+    assert torch.equal(gen.response_ids, reference)  # HF pads finished rows with pad too
+    # top_k=1 sampling and a tiny nucleus are greedy as well.
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        sampled = generate(model, tiny_tokenizer, prompt_ids, max_new_tokens=30, temperature=1.3, **kw)
+        assert torch.equal(sampled.response_ids, reference)
+
+
+def test_same_seed_same_samples_and_batching(tiny_tokenizer, prompt_ids):
+    model = eos_prone_model(tiny_tokenizer, seed=3)
+
+    def run(seed, **kw):
+        return generate(
+            model,
+            tiny_tokenizer,
+            prompt_ids,
+            max_new_tokens=16,
+            generator=torch.Generator().manual_seed(seed),
+            **kw,
+        )
+
+    a, b, c = run(5), run(5), run(6)
+    assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
+    assert torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.response_ids, c.response_ids)
+    split = run(5, batch_size=4)  # two chunks, padded to a common width
+    assert split.response_ids.shape[0] == len(prompt_ids)
+    assert torch.equal(split.response_mask.sum(1) > 0, torch.ones(len(prompt_ids), dtype=torch.bool))
+
+
+def test_finished_sequences_stop_at_their_first_eos(tiny_tokenizer, prompt_ids):
+    model = eos_prone_model(tiny_tokenizer, seed=1)
+    eos, pad = tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id
+    for fast in (True, False):
+        gen = generate(
+            model,
+            tiny_tokenizer,
+            prompt_ids * 3,
+            max_new_tokens=20,
+            generator=torch.Generator().manual_seed(0),
+            fast=fast,
+        )
+        assert gen.finished.any() and not gen.finished.all()
+        for row, mask, done, text in zip(gen.response_ids, gen.response_mask, gen.finished, gen.texts):
+            n = int(mask.sum())
+            assert mask[:n].all() and not mask[n:].any()  # a prefix mask
+            ids = row[:n].tolist()
+            assert (row[n:] == pad).all()
+            if done:
+                assert ids[-1] == eos and eos not in ids[:-1]
+            else:
+                assert eos not in ids and n == 20
+            assert text == tiny_tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def test_max_new_tokens_stays_inside_the_context(tiny_tokenizer):
+    model = make_tiny_model(tiny_tokenizer, n_positions=32)
+    prompt = encode_prompt(tiny_tokenizer, "a b c d e f g")
+    gen = generate(model, tiny_tokenizer, [prompt], max_new_tokens=100, greedy=True)
+    assert len(prompt) + gen.response_ids.shape[1] <= 32
+    with pytest.raises(UserError, match="context"):
+        generate(model, tiny_tokenizer, [list(range(3, 35))], max_new_tokens=4)
+    with pytest.raises(UserError, match="no prompts"):
+        generate(model, tiny_tokenizer, [], max_new_tokens=4)
+    with pytest.raises(UserError, match="temperature"):
+        generate(model, tiny_tokenizer, [prompt], max_new_tokens=4, temperature=0.0)
+
+
+def test_bf16_fast_path_is_close(tiny_tokenizer, prompt_ids):
+    model = eos_prone_model(tiny_tokenizer)
+    gen = generate(
+        model,
+        tiny_tokenizer,
+        prompt_ids,
+        max_new_tokens=12,
+        generator=torch.Generator().manual_seed(0),
+        bf16=True,
+    )
+    ids, mask, start = join_prompt_response(
+        prompt_ids, gen.response_ids, gen.response_mask, tiny_tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        full = token_logprobs(model, ids, mask)[:, start - 1 :]
+    real = gen.response_mask
+    assert (gen.logprobs[real] - full[real]).abs().max() < 0.15  # bf16 rounding only
