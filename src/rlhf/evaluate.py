@@ -84,14 +84,17 @@ class EvalConfig(StageConfig):
 
 
 def policy_label(path: str | Path) -> str:
-    """A short name: runs/demo/round-1/ppo/model -> round-1/ppo; .../ppo/checkpoints/step-0000040 -> round-1/ppo@40."""
+    """A short name: runs/demo/round-1/ppo/model -> round-1/ppo; .../ppo/snapshots/iter-000040 -> round-1/ppo@40."""
     parts = list(Path(path).parts)
     step = ""
-    if "checkpoints" in parts:
-        i = parts.index("checkpoints")
-        if i + 1 < len(parts):
-            step = "@" + str(int(parts[i + 1].split("-")[-1])) if parts[i + 1].startswith("step-") else ""
-        parts = parts[:i]
+    for marker in ("checkpoints", "snapshots"):
+        if marker in parts:
+            i = parts.index(marker)
+            name = parts[i + 1] if i + 1 < len(parts) else ""
+            digits = name.rsplit("-", 1)[-1]
+            step = f"@{int(digits)}" if digits.isdigit() else ""
+            parts = parts[:i]
+            break
     while parts and parts[-1] in ("model", "policy"):
         parts.pop()
     keep = parts[-2:] if len(parts) >= 2 and parts[-2].startswith("round-") else parts[-1:]
@@ -107,11 +110,12 @@ def model_folder(path: Path) -> Path | None:
 
 
 def snapshot_folders(stage_dir: str | Path) -> list[Path]:
-    """Every checkpoint of a PPO stage in step order, then its final model/ (when it differs from the last one)."""
+    """A PPO stage's kept snapshots (snapshots/iter-N, else its checkpoints) in step order, then its model/."""
     from rlhf.checkpoint import list_checkpoints
 
     stage_dir = Path(stage_dir)
-    found = [f for f in (model_folder(c) for c in list_checkpoints(stage_dir)) if f is not None]
+    snaps = sorted((stage_dir / "snapshots").glob("iter-*"), key=lambda p: int(p.name.split("-")[1]))
+    found = [f for f in (model_folder(c) for c in snaps or list_checkpoints(stage_dir)) if f is not None]
     final = model_folder(stage_dir / "model")
     if final is not None:
         found.append(final)
@@ -346,9 +350,9 @@ def run(config: EvalConfig) -> dict[str, Any]:
     snapshot_of: dict[str, str] = {}
     for stage in config.snapshots:
         for folder in snapshot_folders(stage):
-            if folder not in folders:
+            if folder.resolve() not in {f.resolve() for f in folders}:
                 folders.append(folder)
-            snapshot_of[policy_label(folder)] = policy_label(stage)
+                snapshot_of[policy_label(folder)] = policy_label(stage)
     bar = progress(len(folders) + 1, "eval", unit="policy")
 
     # 1. The reference: one pool of n_max samples per prompt serves best-of-n; its first k are the SFT row.
@@ -377,8 +381,9 @@ def run(config: EvalConfig) -> dict[str, Any]:
         if config.judgements:
             row.update(human_win_rate(config.judgements, label, ref_label))
         results[label] = row
-        safe = label.replace("/", "_").replace("@", "_step")
-        export_pairs(out / f"pairs-{safe}.jsonl", prompts, s, ref, label, ref_label, config.seed, k)
+        if label not in snapshot_of:
+            safe = label.replace("/", "_")
+            export_pairs(out / f"pairs-{safe}.jsonl", prompts, s, ref, label, ref_label, config.seed, k)
         log.info(
             "%s: gold %.3f proxy %.3f KL %.2f win %.2f distinct-2 %.3f",
             label,
