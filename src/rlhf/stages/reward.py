@@ -1,0 +1,437 @@
+"""`rlhf reward`: train a Bradley-Terry reward model on rankings of K responses, as InstructGPT does.
+
+    rlhf reward model.path=runs/demo/sft/model comparisons=runs/demo/label/comparisons.jsonl
+
+1. Read comparisons (ours, TRL pairs or HH-RLHF transcripts, see rlhf.data.comparisons); hold out a validation set.
+2. Tokenize each response once through the template (`response_token_ids` verbatim when the record has them).
+   Sequences longer than `max_length` keep the whole prompt and lose the end of the response; a prompt that leaves
+   no room for a response is an error naming the record.
+3. Each step takes `batch_size` rankings, forwards all their responses in one batch (each response once, never
+   once per pair) and minimises the mean over rankings of the mean over their C(K,2) pairs of
+   -log sigmoid(r_better - r_worse - margin) (losses.ranking_loss). Ties give no pair.
+4. Evaluate held-out pairwise accuracy, mean margin and a calibration table (calibration.json).
+5. Fit the normalisation (mean 0, std 1 on SFT-policy responses) and save `model/` (rlhf_reward.json beside it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from rlhf.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from rlhf.config import ModelConfig, StageConfig, option
+from rlhf.data.comparisons import read_any_comparisons
+from rlhf.data.records import Comparison, read_samples
+from rlhf.data.template import encode_prompt, encode_response
+from rlhf.errors import UserError
+from rlhf.losses import ranking_loss, ranking_pair_mask
+from rlhf.modeling import autocast
+from rlhf.reward_model import RewardModel, reward_model_from_causal_lm
+from rlhf.stagecli import parse_stage_args
+from rlhf.tracking import MetricsLogger, log, progress, start_run, truncate_metrics
+
+CALIBRATION_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclass
+class RewardConfig(StageConfig):
+    """Train a reward model from ranked comparisons."""
+
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("comparisons",)
+
+    model: ModelConfig = option(
+        ModelConfig(), "the starting model: a causal LM (e.g. our SFT model/) or an RM"
+    )
+    comparisons: list[str] = option([], "comparison file(s): ours, TRL {prompt,chosen,rejected} or HH-RLHF")
+    val_file: str = option(
+        "", "held-out comparison file; empty = hold out `val_fraction` of the training data"
+    )
+    val_fraction: float = option(
+        0.1, "fraction of rankings held out when no val_file is given", low=0.0, high=0.9
+    )
+    epochs: int = option(1, "passes over the training rankings (when max_steps is 0)", low=1)
+    max_steps: int = option(0, "optimizer steps; 0 = `epochs` passes", low=0)
+    lr: float = option(1e-4, "peak learning rate (AdamW)", low=0.0)
+    weight_decay: float = option(0.0, "AdamW weight decay", low=0.0)
+    warmup_steps: int = option(10, "linear warm-up steps, then linear decay to 0", low=0)
+    batch_size: int = option(8, "rankings per optimizer step (all C(K,2) pairs of each)", low=1)
+    max_length: int = option(0, "longest prompt+response in tokens; 0 = the model's context", low=0)
+    margin: float = option(0.0, "margin m in -log sigmoid(r_w - r_l - m)")
+    max_grad_norm: float = option(1.0, "gradient clipping; 0 = off", low=0.0)
+    bf16: bool = option(False, "bf16 autocast for forward/backward (weights stay fp32)")
+    eval_every: int = option(50, "evaluate every N steps; 0 = only at the end", low=0)
+    ckpt_every: int = option(100, "checkpoint every N steps; 0 = never", low=0)
+    eval_batch_size: int = option(32, "responses per forward when evaluating", low=1)
+    normalise: str = option(
+        "mean_std", "score normalisation fitted after training", choices=("none", "mean", "mean_std")
+    )
+    norm_samples: str = option(
+        "", "samples JSONL whose responses define mean 0 / std 1; empty = see norm_policy"
+    )
+    norm_policy: str = option(
+        "",
+        "policy whose training responses define the normalisation; empty = policies naming 'sft', else all",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.model.path:
+            raise UserError(
+                "config field 'model.path': give the starting model folder (our SFT model/ or an RM)"
+            )
+        if not self.comparisons:
+            raise UserError("config field 'comparisons': give at least one comparison file")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass
+class Ranking:
+    """One tokenized comparison: each response as a full prompt+response id list, and its rank."""
+
+    sequences: list[list[int]]
+    ranks: list[int]
+    policies: list[str]
+
+
+def _tokenize(rm: RewardModel, records: list[Comparison], source: str, max_length: int) -> list[Ranking]:
+    out, cut = [], 0
+    tok = rm.tokenizer
+    for n, record in enumerate(records):
+        prompt_ids = encode_prompt(tok, record.prompt)
+        if len(prompt_ids) >= max_length:
+            raise UserError(
+                f"{source}: record {n + 1} (prompt_id '{record.prompt_id}'): the prompt is {len(prompt_ids)} "
+                f"tokens, which leaves no room for a response within max_length {max_length}; shorten it, drop "
+                f"the record, or raise max_length (up to the model's context)"
+            )
+        seqs = []
+        for i, text in enumerate(record.responses):
+            ids = record.response_token_ids[i] if record.response_token_ids else encode_response(tok, text)
+            seq = prompt_ids + list(ids)
+            if len(seq) > max_length:
+                cut += 1
+                seq = seq[:max_length]
+            seqs.append(seq)
+        out.append(Ranking(seqs, list(record.ranks), list(record.policies) or [""] * len(seqs)))
+    if cut:
+        log.info("%s: %d response(s) cut to max_length %d (their end is dropped)", source, cut, max_length)
+    return out
+
+
+def _read(paths: list[str]) -> list[Comparison]:
+    records: list[Comparison] = []
+    for path in paths:
+        found, _counts = read_any_comparisons(path)
+        records.extend(found)
+    return records
+
+
+def _drop_tied(records: list[Comparison], what: str) -> list[Comparison]:
+    kept = [r for r in records if len(set(r.ranks)) > 1]
+    if not kept:
+        raise UserError(
+            f"{what}: all {len(records)} rankings are ties: there is no preference to learn (every response "
+            f"has the same rank)"
+        )
+    if len(kept) < len(records):
+        log.info("%s: %d all-tied ranking(s) give no pair and are left out", what, len(records) - len(kept))
+    return kept
+
+
+def split(config: RewardConfig) -> tuple[list[Comparison], list[Comparison]]:
+    train = _drop_tied(_read(config.comparisons), "training comparisons")
+    if config.val_file:
+        return train, _drop_tied(_read([config.val_file]), "validation comparisons")
+    order = list(range(len(train)))
+    random.Random(config.seed).shuffle(order)
+    n_val = int(round(len(train) * config.val_fraction))
+    if config.val_fraction > 0 and len(train) >= 2:
+        n_val = min(max(n_val, 1), len(train) - 1)
+    val = [train[i] for i in sorted(order[:n_val])]
+    return [train[i] for i in sorted(order[n_val:])], val
+
+
+def collate(
+    rm: RewardModel, batch: list[Ranking]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flattened right-padded responses (N, L), mask, the (B, K) slot of each and ranks (B, K) (0 = padding)."""
+    k = max(len(r.ranks) for r in batch)
+    ranks = torch.zeros((len(batch), k), dtype=torch.long)
+    seqs, slots = [], []
+    for b, ranking in enumerate(batch):
+        ranks[b, : len(ranking.ranks)] = torch.tensor(ranking.ranks)
+        for i, seq in enumerate(ranking.sequences):
+            seqs.append(seq)
+            slots.append(b * k + i)
+    ids, mask = rm.pad(seqs)
+    return ids, mask, torch.tensor(slots, device=ids.device), ranks.to(ids.device)
+
+
+def batch_scores(rm: RewardModel, batch: list[Ranking], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K) raw scores (0 in padded slots) and ranks of a batch of rankings; one forward for all responses."""
+    ids, mask, slots, ranks = collate(rm, batch)
+    with autocast(bf16, str(ids.device)):
+        flat = rm.raw_scores(ids, mask)  # (N,)
+    scores = torch.zeros(ranks.numel(), dtype=flat.dtype, device=flat.device).index_put((slots,), flat)
+    return scores.view_as(ranks.float()), ranks
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+@torch.no_grad()
+def evaluate(rm: RewardModel, data: list[Ranking], config: RewardConfig) -> tuple[dict, list[dict]]:
+    """Pairwise accuracy (score ties count half), loss, mean margin and a calibration table over held-out pairs."""
+    was_training = rm.model.training
+    rm.model.eval()
+    diffs: list[torch.Tensor] = []
+    losses, n_rankings = 0.0, 0
+    per_batch = max(1, config.eval_batch_size // max(len(r.ranks) for r in data))
+    for start in range(0, len(data), per_batch):
+        scores, ranks = batch_scores(rm, data[start : start + per_batch], config.bf16)
+        loss, _ = ranking_loss(scores, ranks, config.margin)
+        better = ranking_pair_mask(ranks)  # (B, K, K)
+        rows = int(better.flatten(1).any(-1).sum())
+        losses += loss.item() * rows
+        n_rankings += rows
+        diffs.append((scores.unsqueeze(2) - scores.unsqueeze(1))[better])
+    rm.model.train(was_training)
+    diff = torch.cat(diffs).float()  # r_better - r_worse for every held-out pair
+    accuracy = ((diff > 0).float() + 0.5 * (diff == 0).float()).mean().item()
+    table = calibration_table(diff)
+    ece = sum(row["count"] * abs(row["predicted"] - row["observed"]) for row in table) / max(len(diff), 1)
+    metrics = {
+        "val/accuracy": accuracy,
+        "val/loss": losses / max(n_rankings, 1),
+        "val/margin": diff.mean().item(),
+        "val/ece": ece,
+        "val/pairs": float(len(diff)),
+    }
+    return metrics, table
+
+
+def calibration_table(diff: torch.Tensor) -> list[dict]:
+    """Bins of the RM's confidence in its own pick, sigmoid(|r_a - r_b|), against how often the pick was right."""
+    confidence = torch.sigmoid(diff.abs())
+    right = (diff > 0).float() + 0.5 * (diff == 0).float()
+    rows = []
+    for low, high in zip(CALIBRATION_BINS[:-1], CALIBRATION_BINS[1:]):
+        inside = (confidence >= low) & ((confidence < high) | (high == 1.0))
+        count = int(inside.sum())
+        rows.append(
+            {
+                "bin": f"{low:.1f}-{high:.1f}",
+                "count": count,
+                "predicted": confidence[inside].mean().item() if count else (low + high) / 2,
+                "observed": right[inside].mean().item() if count else float("nan"),
+            }
+        )
+    return [r for r in rows if r["count"]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normalisation
+
+
+def fit_normalisation(rm: RewardModel, config: RewardConfig, records: list[Comparison]) -> dict:
+    """Set rm.shift / rm.gain so SFT-policy responses score mean 0 (std 1); return what it was fitted on."""
+    if config.normalise == "none":
+        rm.shift, rm.gain = 0.0, 1.0
+        return {"normalise": "none"}
+    if config.norm_samples:
+        pairs = [(s.prompt, r.text) for s in read_samples(config.norm_samples) for r in s.responses]
+        fitted_on = f"samples {config.norm_samples}"
+    else:
+        all_pairs = [(c, i) for c in records for i in range(len(c.responses))]
+        policy_of = [c.policies[i] if c.policies else "" for c, i in all_pairs]
+        if config.norm_policy:
+            chosen = [p == config.norm_policy for p in policy_of]
+            fitted_on = f"training responses of policy {config.norm_policy}"
+        else:
+            chosen = ["sft" in p.lower() for p in policy_of]
+            fitted_on = "training responses of SFT policies"
+            if not any(chosen):
+                chosen = [True] * len(all_pairs)
+                fitted_on = "all training responses (no policy names 'sft')"
+        if not any(chosen):
+            raise UserError(
+                f"config field 'norm_policy': no training response comes from '{config.norm_policy}'"
+            )
+        pairs = [(c.prompt, c.responses[i]) for (c, i), keep in zip(all_pairs, chosen) if keep]
+    raw = torch.tensor(rm.score_texts([p for p, _ in pairs], [r for _, r in pairs], raw=True))
+    rm.shift = raw.mean().item()
+    rm.gain = 1.0
+    if config.normalise == "mean_std" and len(raw) > 1:
+        rm.gain = 1.0 / max(raw.std().item(), 1e-6)
+    log.info("normalisation: shift %.4f gain %.4f fitted on %d %s", rm.shift, rm.gain, len(raw), fitted_on)
+    return {"normalise": config.normalise, "fitted_on": fitted_on, "n": len(raw)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def _schedule(step: int, warmup: int, total: int) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def run(config: RewardConfig) -> dict:
+    out = start_run(config, "reward")
+    device = torch.device(config.device)
+    train_records, val_records = split(config)
+    ckpt = latest_checkpoint(out) if config.resume else None
+    if config.resume and ckpt is None:
+        log.info("resume: no checkpoint in %s, starting fresh", out)
+    rm = (
+        RewardModel.load(ckpt)
+        if ckpt
+        else reward_model_from_causal_lm(config.model.path, config.model.tokenizer)
+    )
+    rm.to(device)
+    max_length = min(config.max_length or rm.context, rm.context)
+    train = _tokenize(rm, train_records, "training comparisons", max_length)
+    val = _tokenize(rm, val_records, "validation comparisons", max_length)
+    pairs_per_epoch = sum(len(r.sequences) * (len(r.sequences) - 1) // 2 for r in train)
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total = config.max_steps or config.epochs * steps_per_epoch
+    log.info(
+        "%d training rankings (K = %s, up to %d pairs per epoch), %d held out; %d steps of %d rankings",
+        len(train),
+        ",".join(map(str, sorted(Counter(len(r.ranks) for r in train)))),
+        pairs_per_epoch,
+        len(val),
+        total,
+        config.batch_size,
+    )
+    decay = [p for n, p in rm.model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in rm.model.named_parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _schedule(s, config.warmup_steps, total)
+    )
+    step = 0
+    if ckpt:
+        state = load_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        truncate_metrics(out / "metrics.jsonl", step)
+        log.info("resumed from %s at step %d", ckpt, step)
+    metrics_log = MetricsLogger(out)
+    bar = progress(total, "reward", initial=step)
+    rm.model.train()
+    order: list[int] = []
+    val_metrics: dict = {}
+    try:
+        while step < total:
+            epoch, position = divmod(step, steps_per_epoch)
+            if position == 0 or not order:
+                order = list(range(len(train)))
+                random.Random(config.seed * 1000 + epoch).shuffle(order)
+            batch = [
+                train[i] for i in order[position * config.batch_size : (position + 1) * config.batch_size]
+            ]
+            scores, ranks = batch_scores(rm, batch, config.bf16)
+            loss, stats = ranking_loss(scores, ranks, config.margin)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(rm.model.parameters(), config.max_grad_norm)
+                if config.max_grad_norm
+                else torch.tensor(0.0)
+            )
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            row = {
+                "train/loss": loss.item(),
+                "train/accuracy": stats["accuracy"].item(),
+                "train/margin": stats["margin"].item(),
+                "train/pairs": stats["pairs"].item(),
+                "train/grad_norm": float(grad_norm),
+                "train/lr": scheduler.get_last_lr()[0],
+                "train/epoch": step / steps_per_epoch,
+            }
+            if val and config.eval_every and step % config.eval_every == 0 and step < total:
+                val_metrics, _ = evaluate(rm, val, config)
+                row.update(val_metrics)
+                log.info(
+                    "step %d: val accuracy %.3f margin %.3f",
+                    step,
+                    val_metrics["val/accuracy"],
+                    val_metrics["val/margin"],
+                )
+            metrics_log.log(step, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
+            if config.ckpt_every and step % config.ckpt_every == 0 and step < total:
+                save_checkpoint(
+                    out,
+                    step,
+                    {"": (rm.model, rm.tokenizer)},
+                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+                )
+        bar.close()
+        table: list[dict] = []
+        if val:
+            val_metrics, table = evaluate(rm, val, config)
+            metrics_log.log(step, val_metrics)
+            log.info(
+                "held-out: accuracy %.3f over %d pairs, mean margin %.3f, ECE %.3f",
+                val_metrics["val/accuracy"],
+                int(val_metrics["val/pairs"]),
+                val_metrics["val/margin"],
+                val_metrics["val/ece"],
+            )
+            for r in table:
+                log.info(
+                    "  confidence %s: %4d pairs, predicted %.3f, observed %.3f",
+                    r["bin"],
+                    r["count"],
+                    r["predicted"],
+                    r["observed"],
+                )
+        else:
+            log.info("no held-out comparisons (val_fraction=0 and no val_file): accuracy not measured")
+        (out / "calibration.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+        norm = fit_normalisation(rm, config, train_records)
+        model_dir = rm.save(out / "model", extra={**norm, "val_accuracy": val_metrics.get("val/accuracy")})
+    finally:
+        metrics_log.close()
+    log.info("reward model saved to %s", model_dir)
+    return {
+        "model": str(model_dir),
+        "val_accuracy": val_metrics.get("val/accuracy"),
+        "val_margin": val_metrics.get("val/margin"),
+        "val_ece": val_metrics.get("val/ece"),
+        "steps": step,
+        "train_rankings": len(train),
+        "val_rankings": len(val),
+        "calibration": str(out / "calibration.json"),
+    }
+
+
+def main(argv: list[str]) -> int:
+    config = parse_stage_args(
+        RewardConfig, argv, "rlhf reward", "Train a Bradley-Terry reward model on ranked comparisons."
+    )
+    if config is None:
+        return 0
+    summary = run(config)
+    print(json.dumps(summary, indent=2))  # noqa: T201
+    return 0
