@@ -118,7 +118,15 @@ class RewardModel(torch.nn.Module):
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.model.save_pretrained(folder, safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            self.model.save_pretrained(folder, safe_serialization=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         self.tokenizer.save_pretrained(folder)
         norm = {"shift": self.shift, "gain": self.gain, **(extra or {})}
         (folder / NORM_FILE).write_text(json.dumps(norm, indent=2) + "\n", encoding="utf-8")

@@ -243,32 +243,47 @@ def calibration_table(diff: torch.Tensor) -> list[dict]:
 # Normalisation
 
 
-def fit_normalisation(rm: RewardModel, config: RewardConfig, records: list[Comparison]) -> dict:
+@torch.no_grad()
+def _raw_scores(rm: RewardModel, sequences: list[list[int]], batch: int, bf16: bool) -> torch.Tensor:
+    rm.model.eval()
+    out = []
+    for start in range(0, len(sequences), batch):
+        with autocast(bf16, str(rm.device)):
+            out.append(rm.raw_scores(*rm.pad(sequences[start : start + batch])).float().cpu())
+    return torch.cat(out)
+
+
+def fit_normalisation(rm: RewardModel, config: RewardConfig, train: list[Ranking], max_length: int) -> dict:
     """Set rm.shift / rm.gain so SFT-policy responses score mean 0 (std 1); return what it was fitted on."""
     if config.normalise == "none":
         rm.shift, rm.gain = 0.0, 1.0
         return {"normalise": "none"}
     if config.norm_samples:
-        pairs = [(s.prompt, r.text) for s in read_samples(config.norm_samples) for r in s.responses]
+        records = read_samples(config.norm_samples)
+        sequences = [
+            (encode_prompt(rm.tokenizer, s.prompt) + (r.token_ids or encode_response(rm.tokenizer, r.text)))[
+                :max_length
+            ]
+            for s in records
+            for r in s.responses
+        ]
         fitted_on = f"samples {config.norm_samples}"
     else:
-        all_pairs = [(c, i) for c in records for i in range(len(c.responses))]
-        policy_of = [c.policies[i] if c.policies else "" for c, i in all_pairs]
+        items = [(seq, policy) for r in train for seq, policy in zip(r.sequences, r.policies)]
         if config.norm_policy:
-            chosen = [p == config.norm_policy for p in policy_of]
+            sequences = [seq for seq, policy in items if policy == config.norm_policy]
             fitted_on = f"training responses of policy {config.norm_policy}"
+            if not sequences:
+                raise UserError(
+                    f"config field 'norm_policy': no training response comes from '{config.norm_policy}'"
+                )
         else:
-            chosen = ["sft" in p.lower() for p in policy_of]
+            sequences = [seq for seq, policy in items if "sft" in policy.lower()]
             fitted_on = "training responses of SFT policies"
-            if not any(chosen):
-                chosen = [True] * len(all_pairs)
-                fitted_on = "all training responses (no policy names 'sft')"
-        if not any(chosen):
-            raise UserError(
-                f"config field 'norm_policy': no training response comes from '{config.norm_policy}'"
-            )
-        pairs = [(c.prompt, c.responses[i]) for (c, i), keep in zip(all_pairs, chosen) if keep]
-    raw = torch.tensor(rm.score_texts([p for p, _ in pairs], [r for _, r in pairs], raw=True))
+            if not sequences:
+                sequences = [seq for seq, _ in items]
+                fitted_on = "all training responses (no policy name contains 'sft')"
+    raw = _raw_scores(rm, sequences, config.eval_batch_size, config.bf16)
     rm.shift = raw.mean().item()
     rm.gain = 1.0
     if config.normalise == "mean_std" and len(raw) > 1:
@@ -409,7 +424,7 @@ def run(config: RewardConfig) -> dict:
         else:
             log.info("no held-out comparisons (val_fraction=0 and no val_file): accuracy not measured")
         (out / "calibration.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-        norm = fit_normalisation(rm, config, train_records)
+        norm = fit_normalisation(rm, config, train, max_length)
         model_dir = rm.save(out / "model", extra={**norm, "val_accuracy": val_metrics.get("val/accuracy")})
     finally:
         metrics_log.close()
