@@ -1,0 +1,475 @@
+"""`rlhf loop`: the whole RLHF loop from one config, resumable between and inside stages.
+
+    data -> pretrain (or model.path) -> sft -> R rounds of
+        {sample K per prompt from the current policy -> label (synthetic | import | human) ->
+         reward (on ALL comparisons so far) -> ppo (from the current policy, reference = SFT) -> eval}
+    -> report.html + a 5-line summary
+
+Each stage is the same `run(config)` that its CLI calls; the loop only builds their configs, calls them in order
+and records each completed stage in `runs/<name>/state.json`. With `resume=true` completed stages are skipped and
+the first unfinished one is called with `resume=true`, so it continues from its own newest checkpoint. Folders:
+`runs/<name>/{data,pretrain,sft}/` and `runs/<name>/round-<r>/{sample,label,reward,ppo,eval}/`.
+
+Per-stage settings live in the config's `pretrain:`, `sft:`, `sample:`, `reward:`, `ppo:` and `eval:` sections
+(any field of that stage's config); the loop sets the wiring (model paths, data files, run folders) itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import ModelConfig, StageConfig, from_dict, option, to_dict
+from rlhf.errors import UserError
+from rlhf.stagecli import parse_stage_args
+from rlhf.tracking import setup_logging
+
+log = logging.getLogger("rlhf")
+
+DEFAULT_CORPUS = "data/corpus/children_stories_5books.txt"
+ROUND_STAGES = ("sample", "label", "reward", "ppo", "eval")
+
+
+@dataclass
+class LoopConfig(StageConfig):
+    model: ModelConfig = option(
+        ModelConfig(), "base model: `path` skips pre-training; else `preset` is pre-trained"
+    )
+    rounds: int = option(2, "RLHF rounds of sample -> label -> reward -> ppo -> eval", low=1)
+    corpus: str = option(DEFAULT_CORPUS, "plain-text corpus: pre-training text and the story task's source")
+    story_demos: int = option(400, "story-continuation demonstrations cut from the corpus for SFT", low=0)
+    prompts: int = option(256, "story prompts for sampling and PPO (disjoint from demos and eval)", low=1)
+    eval_prompts: int = option(32, "held-out story prompts for evaluation", low=1)
+    sft_data: list[str] = option(
+        ["data/sft/self-instruct_seed_tasks.jsonl"],
+        "extra human demonstration files for SFT (any supported format)",
+    )
+    prompts_per_round: int = option(
+        64, "prompts sampled and labelled per round (fresh ones each round)", low=1
+    )
+    samples_per_prompt: int = option(4, "K: responses sampled per prompt and ranked together", low=2, high=9)
+    labeller: str = option(
+        "synthetic",
+        "who ranks: a synthetic labeller, an imported file, or humans in the feedback app",
+        choices=("synthetic", "import", "human"),
+    )
+    synthetic: str = option("sentiment", "synthetic labeller: the demo rubric (or `gold` with gold_model)")
+    labeller_temperature: float = option(0.5, "Boltzmann noise of the synthetic labeller; 0 = exact", low=0.0)
+    gold_model: str = option("", "frozen gold reward model folder for synthetic=gold")
+    import_comparisons: list[str] = option(
+        [], "labeller=import: one comparison file per round (the last one is reused for later rounds)"
+    )
+    feedback_db: str = option(
+        "", "labeller=human: the feedback app's database (SQLite path or postgresql://)"
+    )
+    feedback_overlap: int = option(1, "labeller=human: annotators per item", low=1)
+    poll_seconds: float = option(10.0, "labeller=human: seconds between progress checks", low=0.1)
+    gold: str = option(
+        "sentiment", "gold scorer for evaluation and PPO logging", choices=("sentiment", "none")
+    )
+    stop_after: str = option("", "stop after this stage (e.g. round-1/reward); resume=true continues")
+    pretrain: dict = option({}, "settings of the pretrain stage (rlhf pretrain --help)")
+    sft: dict = option({}, "settings of the sft stage (rlhf sft --help)")
+    sample: dict = option({}, "settings of each round's sample stage (rlhf sample --help)")
+    reward: dict = option({}, "settings of each round's reward stage (rlhf reward --help)")
+    ppo: dict = option({}, "settings of each round's ppo stage (rlhf ppo --help)")
+    eval: dict = option({}, "settings of each round's eval (rlhf eval --help)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.labeller == "import" and not self.import_comparisons:
+            raise UserError("config field 'import_comparisons': labeller=import needs at least one file")
+        if self.labeller == "human" and not self.feedback_db:
+            raise UserError("config field 'feedback_db': labeller=human needs the feedback app's database")
+        names = self.stage_names()
+        if self.stop_after and self.stop_after not in names:
+            raise UserError(
+                f"config field 'stop_after': '{self.stop_after}' is not a stage ({', '.join(names)})"
+            )
+
+    def stage_names(self) -> list[str]:
+        names = ["data"] + ([] if self.model.path else ["pretrain"]) + ["sft"]
+        for r in range(1, self.rounds + 1):
+            names += [f"round-{r}/{s}" for s in ROUND_STAGES]
+        return names
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# State: which stages are done
+
+
+class State:
+    """`runs/<name>/state.json`: completed stages with their summaries and wall times (rewritten atomically)."""
+
+    def __init__(self, run: Path, fresh: bool):
+        self.path = run / "state.json"
+        self.data: dict[str, Any] = {"stages": {}}
+        if not fresh and self.path.exists():
+            self.data = json.loads(self.path.read_text(encoding="utf-8"))
+
+    def done(self, stage: str) -> bool:
+        return stage in self.data["stages"]
+
+    def summary(self, stage: str) -> dict:
+        return self.data["stages"][stage]["summary"]
+
+    def complete(self, stage: str, summary: dict, seconds: float) -> None:
+        self.data["stages"][stage] = {"seconds": round(seconds, 2), "summary": _jsonable(summary)}
+        self.save()
+
+    def save(self) -> None:
+        tmp = self.path.with_name(".state.json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(self.path)
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building a stage's config: user section + the loop's wiring
+
+
+def _merge(tree: dict, dotted: dict) -> dict:
+    tree = copy.deepcopy(tree)
+    for key, value in dotted.items():
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return tree
+
+
+def _has_field(cls: type, dotted: str) -> bool:
+    from typing import get_type_hints
+
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp) or part not in get_type_hints(tp):
+            return False
+        tp = get_type_hints(tp)[part]
+    return True
+
+
+def stage_config(cls: type, loop: LoopConfig, section: dict, wiring: dict, where: str, resume: bool) -> Any:
+    """`cls` from the user's section with the loop's wiring on top (wiring keys the stage lacks are dropped)."""
+    common = {
+        "seed": loop.seed,
+        "device": loop.device,
+        "threads": loop.threads,
+        "resume": resume,
+        "runs_dir": str(Path(loop.runs_dir) / loop.name) if "/" in where else loop.runs_dir,
+        "name": where.split("/")[0] if "/" in where else loop.name,
+    }
+    wiring = {k: v for k, v in {**wiring, **common}.items() if _has_field(cls, k)}
+    tree = _merge(section, wiring)
+    try:
+        config = from_dict(cls, tree)
+    except UserError as exc:
+        raise UserError(f"loop config section for {where}: {exc}") from None
+    config.validate()
+    return config
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class Loop:
+    def __init__(self, config: LoopConfig):
+        self.c = config
+        self.run_dir = Path(config.runs_dir) / config.name
+        self.state = State(self.run_dir, fresh=not config.resume)
+        self.resuming = config.resume
+
+    # -- paths ---------------------------------------------------------------------------------------------
+    def path(self, stage: str, *rest: str) -> Path:
+        return self.run_dir.joinpath(*stage.split("/"), *rest)
+
+    @property
+    def sft_model(self) -> str:
+        return str(self.path("sft", "model"))
+
+    def policy_before(self, r: int) -> str:
+        return self.sft_model if r == 1 else str(self.path(f"round-{r - 1}/ppo", "model"))
+
+    # -- running -------------------------------------------------------------------------------------------
+    def stage(self, name: str, fn) -> dict | None:
+        """Run one stage unless state says it is done; False from stop_after stops the loop."""
+        if self.state.done(name):
+            log.info("loop: %s already done (state.json), skipping", name)
+            return self.state.summary(name)
+        resume, self.resuming = self.resuming, False  # only the first unfinished stage continues a checkpoint
+        log.info("loop: === %s%s ===", name, " (resuming)" if resume else "")
+        started = time.perf_counter()
+        summary = fn(resume) or {}
+        seconds = time.perf_counter() - started
+        self.state.complete(name, summary, seconds)
+        setup_logging(self.run_dir / "loop.log")
+        log.info("loop: %s done in %.1fs", name, seconds)
+        return summary
+
+    def call(self, module: str, cls_name: str, section: dict, wiring: dict, where: str, resume: bool) -> dict:
+        mod = importlib.import_module(module)
+        config = stage_config(getattr(mod, cls_name), self.c, section, wiring, where, resume)
+        return mod.run(config)
+
+    def run(self) -> dict:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(self.run_dir / "loop.log")
+        self.state.data["config"] = to_dict(self.c)
+        self.state.save()
+        for name in self.c.stage_names():
+            self.stage(name, self._runner(name))
+            if name == self.c.stop_after:
+                log.info("loop: stopped after %s as asked (stop_after); continue with resume=true", name)
+                return {"stopped_after": name, "run": str(self.run_dir)}
+        from rlhf.report import build_report, summary_lines
+
+        report = build_report(self.run_dir)
+        return {"run": str(self.run_dir), "report": str(report), "summary": summary_lines(self.run_dir)}
+
+    def _runner(self, name: str):
+        if "/" not in name:
+            return getattr(self, f"_{name}")
+        rnd, stage = name.split("/")
+        r = int(rnd.split("-")[1])
+        return lambda resume: getattr(self, f"_round_{stage}")(r, resume)
+
+    # -- stages --------------------------------------------------------------------------------------------
+    def _data(self, resume: bool) -> dict:
+        from rlhf.data.story_demos import build_story_data, write_story_data
+
+        data = build_story_data(
+            self.c.corpus, self.c.story_demos, self.c.prompts, self.c.eval_prompts, self.c.seed
+        )
+        paths = write_story_data(data, self.path("data"))
+        log.info(
+            "story task: %d SFT demos, %d RLHF prompts, %d held-out eval prompts in %s",
+            len(data.demos),
+            len(data.prompts),
+            len(data.eval_prompts),
+            self.path("data"),
+        )
+        return {k: str(v) for k, v in paths.items()}
+
+    def _pretrain(self, resume: bool) -> dict:
+        wiring = {f"model.{k}": v for k, v in to_dict(self.c.model).items()}
+        wiring["data"] = [self.c.corpus]
+        return self.call(
+            "rlhf.stages.pretrain", "PretrainConfig", self.c.pretrain, wiring, "pretrain", resume
+        )
+
+    def _sft(self, resume: bool) -> dict:
+        base = self.c.model.path or str(self.path("pretrain", "model"))
+        demos = [str(self.path("data", "demos.jsonl"))] if self.c.story_demos else []
+        wiring = {"model.path": base, "data": demos + list(self.c.sft_data)}
+        return self.call("rlhf.stages.sft", "SFTConfig", self.c.sft, wiring, "sft", resume)
+
+    def _round_prompts(self, r: int) -> Path:
+        """This round's slice of the RLHF prompts (fresh prompts each round, wrapping around)."""
+        from rlhf.data.records import read_jsonl, write_jsonl
+
+        rows = [obj for _, obj in read_jsonl(self.path("data", "prompts.jsonl"), "prompts")]
+        n = self.c.prompts_per_round
+        start = ((r - 1) * n) % len(rows)
+        picked = [rows[(start + i) % len(rows)] for i in range(min(n, len(rows)))]
+        out = self.path(f"round-{r}", "prompts.jsonl")
+        write_jsonl(out, picked)
+        return out
+
+    def _round_sample(self, r: int, resume: bool) -> dict:
+        wiring = {
+            "model.path": self.policy_before(r),
+            "prompts": str(self._round_prompts(r)),
+            "k": self.c.samples_per_prompt,
+            "samples_per_prompt": self.c.samples_per_prompt,
+            "num_samples": self.c.samples_per_prompt,
+        }
+        return self.call(
+            "rlhf.stages.sample", "SampleConfig", self.c.sample, wiring, f"round-{r}/sample", resume
+        )
+
+    def _samples_file(self, r: int) -> Path:
+        summary = self.state.summary(f"round-{r}/sample")
+        for key in ("samples", "out", "output", "path"):
+            if key in summary and str(summary[key]).endswith(".jsonl"):
+                return Path(summary[key])
+        return self.path(f"round-{r}/sample", "samples.jsonl")
+
+    def _round_label(self, r: int, resume: bool) -> dict:
+        from rlhf.data.records import read_samples, write_jsonl
+
+        out_dir = self.path(f"round-{r}/label")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        samples = read_samples(self._samples_file(r))
+        if self.c.labeller == "human":
+            return label_with_app(self.c, samples, f"{self.c.name}-round-{r}", out_dir)
+        from rlhf.labellers import get_labeller, label_samples
+
+        if self.c.labeller == "import":
+            files = self.c.import_comparisons
+            labeller = get_labeller("import", path=files[min(r, len(files)) - 1])
+        else:
+            labeller = get_labeller(
+                self.c.synthetic, self.c.labeller_temperature, seed=self.c.seed + r, path=self.c.gold_model
+            )
+        comparisons = label_samples(samples, labeller)
+        path = out_dir / "comparisons.jsonl"
+        write_jsonl(path, comparisons)
+        agree = _gold_agreement(comparisons)
+        log.info(
+            "round %d: %d comparisons by %s (top choice = gold best in %.0f%%)",
+            r,
+            len(comparisons),
+            labeller.name,
+            100 * agree,
+        )
+        return {
+            "comparisons": str(path),
+            "count": len(comparisons),
+            "labeller": labeller.name,
+            "gold_agreement": agree,
+        }
+
+    def _round_reward(self, r: int, resume: bool) -> dict:
+        files = [str(self.path(f"round-{i}/label", "comparisons.jsonl")) for i in range(1, r + 1)]
+        wiring = {"model.path": self.sft_model, "comparisons": files}
+        return self.call(
+            "rlhf.stages.reward", "RewardConfig", self.c.reward, wiring, f"round-{r}/reward", resume
+        )
+
+    def _round_ppo(self, r: int, resume: bool) -> dict:
+        from rlhf.stages import ppo
+
+        wiring = {
+            "model.path": self.policy_before(r),
+            "reference": self.sft_model,
+            "reward_model": str(self.path(f"round-{r}/reward", "model")),
+            "prompts": str(self.path("data", "prompts.jsonl")),
+            "gold": "" if self.c.gold == "none" else self.c.gold,
+        }
+        if r > 1 and not _has_field(ppo.PPOConfig, "reference"):
+            log.warning("ppo has no 'reference' field: round %d starts PPO from SFT (its reference) again", r)
+            wiring["model.path"] = self.sft_model
+        return self.call("rlhf.stages.ppo", "PPOConfig", self.c.ppo, wiring, f"round-{r}/ppo", resume)
+
+    def _round_eval(self, r: int, resume: bool) -> dict:
+        from rlhf import evaluate
+
+        wiring = {
+            "policies": [str(self.path(f"round-{r}/ppo", "model"))],
+            "snapshots": [str(self.path(f"round-{r}/ppo"))],
+            "reference": self.sft_model,
+            "reward_model": str(self.path(f"round-{r}/reward", "model")),
+            "prompts": str(self.path("data", "eval_prompts.jsonl")),
+            "gold": self.c.gold,
+        }
+        config = stage_config(evaluate.EvalConfig, self.c, self.c.eval, wiring, f"round-{r}/eval", resume)
+        summary = evaluate.run(config)
+        return {k: summary[k] for k in ("metrics", "rm_accuracy")}
+
+
+def label_with_app(c: LoopConfig, samples: list, batch_name: str, out_dir: Path) -> dict:
+    """Import the samples as a batch of the feedback app, wait (showing progress) until labelled, export."""
+    from rlhf.feedback import service
+    from rlhf.feedback.export import collect, write_export
+    from rlhf.feedback.store import open_database
+    from rlhf.tracking import progress
+
+    engine, session = open_database(c.feedback_db)
+    try:
+        with session() as db:
+            try:
+                batch = service.get_batch(db, batch_name)
+                log.info("feedback batch '%s' already imported: waiting for its labels", batch_name)
+            except service.NotFound:
+                batch = service.import_batch(
+                    db, batch_name, samples, forms=["ranking"], overlap=c.feedback_overlap, source="rlhf loop"
+                )
+            status = service.batch_status(db, batch)
+        log.info(
+            "feedback batch '%s': %d items to rank (%d labels). Label them in the app: "
+            "`rlhf label serve --db %s` (annotator tokens: `rlhf label annotator --db %s NAME`)",
+            batch_name,
+            status.batch.items,
+            status.target,
+            c.feedback_db,
+            c.feedback_db,
+        )
+        bar = progress(status.target, f"labels {batch_name}", unit="label")
+        seen = -1
+        while True:
+            with session() as db:
+                status = service.batch_status(db, service.get_batch(db, batch_name))
+            handled = status.submitted + status.skipped
+            bar.update(max(0, min(handled, status.target) - bar.n))
+            if handled != seen:
+                log.info(
+                    "labelling %s: %d/%d submitted, %d skipped",
+                    batch_name,
+                    status.submitted,
+                    status.target,
+                    status.skipped,
+                )
+                seen = handled
+            if handled >= status.target:
+                break
+            time.sleep(c.poll_seconds)
+        bar.close()
+        with session() as db:
+            counts = write_export(collect(db, service.get_batch(db, batch_name)), out_dir)
+    finally:
+        engine.dispose()
+    if not counts.get("comparisons.jsonl"):
+        raise UserError(f"feedback batch '{batch_name}' holds no submitted ranking to train on")
+    return {
+        "comparisons": str(out_dir / "comparisons.jsonl"),
+        "count": counts["comparisons.jsonl"],
+        "labeller": "human",
+        "exported": counts,
+    }
+
+
+def _gold_agreement(comparisons: list) -> float:
+    """How often the labeller's top choice has the top gold score (the simulated human's noise level)."""
+    hits, total = 0, 0
+    for c in comparisons:
+        gold = c.meta.get("gold_scores") if isinstance(c.meta, dict) else None
+        if not gold:
+            continue
+        best = max(gold)
+        top = [i for i, rank in enumerate(c.ranks) if rank == 1]
+        hits += any(gold[i] == best for i in top)
+        total += 1
+    return hits / total if total else float("nan")
+
+
+def run(config: LoopConfig) -> dict:
+    return Loop(config).run()
+
+
+def main(argv: list[str]) -> int:
+    config = parse_stage_args(LoopConfig, argv, "rlhf loop", __doc__.split("\n\n")[0])
+    if config is None:
+        return 0
+    started = time.perf_counter()
+    result = run(config)
+    minutes = (time.perf_counter() - started) / 60
+    if "stopped_after" in result:
+        print(f"loop stopped after {result['stopped_after']}; continue with: rlhf loop ... resume=true")  # noqa: T201
+        return 0
+    print(f"\nRLHF loop finished in {minutes:.1f} min. Summary:")  # noqa: T201
+    for line in result["summary"]:
+        print(f"  {line}")  # noqa: T201
+    print(f"report: {result['report']}")  # noqa: T201
+    return 0
