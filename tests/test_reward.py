@@ -1,0 +1,204 @@
+"""The reward model and `rlhf reward`: last-token scoring, HF round-trip, learning a planted preference, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import SLICE_TEXT
+from rlhf.config import load_config
+from rlhf.data.records import Comparison, Response, SampleRecord, write_jsonl
+from rlhf.errors import UserError
+from rlhf.labellers import GoldLabeller, label_samples
+from rlhf.reward_model import NORM_FILE, RewardModel, position_ids_from_mask, reward_model_from_causal_lm
+from rlhf.stages.reward import RewardConfig, run
+from rlhf.tracking import read_metrics
+
+PROMPTS = ["Tell me a story.", "What did the fox do?", "Say something about the king."]
+
+
+def _texts(n: int, seed: int = 0) -> list[str]:
+    words = [w for w in SLICE_TEXT.read_text(encoding="utf-8").lower().split() if w.isalpha()][:2000]
+    rng = random.Random(seed)
+    return [" ".join(rng.sample(words, rng.randint(3, 12))) for _ in range(n)]
+
+
+def _left_pad(rm: RewardModel, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), rm.tokenizer.pad_token_id)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s) :] = torch.tensor(s)
+        mask[i, width - len(s) :] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def fresh_rm(tiny_checkpoint) -> RewardModel:
+    return reward_model_from_causal_lm(tiny_checkpoint)
+
+
+def test_head_is_fresh_and_small(fresh_rm):
+    w = fresh_rm.model.score.weight
+    d = w.shape[1]
+    assert w.shape == (1, d)
+    assert 0.5 / (d + 1) ** 0.5 < w.std().item() < 1.5 / (d + 1) ** 0.5
+    assert fresh_rm.model.config.pad_token_id == fresh_rm.tokenizer.pad_token_id
+
+
+def test_score_read_at_last_real_token_whatever_the_padding(fresh_rm):
+    rm = fresh_rm
+    texts = _texts(5)
+    seqs = [rm.encode(PROMPTS[i % 3], t) for i, t in enumerate(texts)]
+    with torch.no_grad():
+        alone = torch.stack([rm.raw_scores(*rm.pad([s]))[0] for s in seqs])
+        right = rm.raw_scores(*rm.pad(seqs))
+        left = rm.raw_scores(*_left_pad(rm, seqs))
+        # other batch-mates (a much longer one) change nothing
+        mixed = rm.raw_scores(*rm.pad([seqs[0], (seqs[1] + seqs[2])[:120]]))[0]
+        # reading at a pad, or ignoring the mask, would give another number
+        ids, mask = rm.pad(seqs)
+        hidden = rm.model.base_model(input_ids=ids).last_hidden_state
+        at_last_column = rm.model.score(hidden[:, -1]).squeeze(-1)
+    assert torch.allclose(right, alone, atol=1e-5)
+    assert torch.allclose(left, alone, atol=1e-5)
+    assert mixed.item() == pytest.approx(alone[0].item(), abs=1e-5)
+    short = [i for i, s in enumerate(seqs) if len(s) < ids.shape[1]]
+    assert short and not torch.allclose(at_last_column[short], alone[short], atol=1e-3)
+
+
+def test_checkpoint_round_trip_through_plain_transformers(fresh_rm, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    rm = fresh_rm
+    rm.shift, rm.gain = 0.25, 2.0
+    folder = rm.save(tmp_path / "rm")
+    rm.shift, rm.gain = 0.0, 1.0
+    assert json.loads((folder / NORM_FILE).read_text())["gain"] == 2.0
+    seqs = [rm.encode(PROMPTS[i % 3], t) for i, t in enumerate(_texts(4, seed=1))]
+    hf = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    ids, mask = rm.pad(seqs)
+    lids, lmask = _left_pad(rm, seqs)
+    with torch.no_grad():
+        ours = rm.raw_scores(ids, mask)
+        plain_right = hf(input_ids=ids, attention_mask=mask).logits.squeeze(-1)
+        plain_left = hf(
+            input_ids=lids, attention_mask=lmask, position_ids=position_ids_from_mask(lmask)
+        ).logits.squeeze(-1)
+    assert torch.equal(plain_right, ours)
+    assert torch.allclose(plain_left, ours, atol=1e-5)
+    loaded = RewardModel.load(folder)
+    assert (loaded.shift, loaded.gain) == (0.25, 2.0)
+    assert torch.allclose(loaded.score(ids, mask), (ours - 0.25) * 2.0, atol=1e-6)
+    replies = ["a kind fox", "a sad king"]
+    by_ids = loaded.score(*loaded.pad([loaded.encode(p, r) for p, r in zip(PROMPTS[:2], replies)]))
+    assert loaded.score_texts(PROMPTS[:2], replies) == pytest.approx(by_ids.tolist(), abs=1e-6)
+
+
+def test_causal_lm_without_head_is_refused(tiny_checkpoint):
+    with pytest.raises(UserError, match="causal LM .* without a trained reward head"):
+        RewardModel.load(tiny_checkpoint)
+    with pytest.raises(UserError, match="not a local path"):
+        RewardModel.load(tiny_checkpoint / "missing")
+
+
+def _planted_comparisons(path, n: int, seed: int = 0) -> None:
+    """K = 4 responses per prompt; the (hidden) preference: responses containing 'happy' are better."""
+    rng = random.Random(seed)
+    pool = [t for t in _texts(4 * n, seed) if "happy" not in t.split()]
+    samples = []
+    for i in range(n):
+        responses = []
+        for k in range(4):
+            words = pool[4 * i + k].split()
+            if (k + i) % 2:
+                words.insert(rng.randrange(len(words) + 1), "happy")
+            responses.append(Response(" ".join(words), policy="runs/t/sft/model"))
+        samples.append(SampleRecord(str(i), PROMPTS[i % 3], responses))
+    labeller = GoldLabeller(lambda p, r: float("happy" in r.split()), temperature=0.0, name="planted")
+    write_jsonl(path, label_samples(samples, labeller))
+
+
+def _config(tmp_path, ckpt, comparisons, *extra):
+    return load_config(
+        RewardConfig,
+        None,
+        [
+            f"model.path={ckpt}",
+            f"comparisons={comparisons}",
+            f"runs_dir={tmp_path / 'runs'}",
+            "lr=1e-3",
+            "batch_size=8",
+            "warmup_steps=3",
+            "eval_every=0",
+            "ckpt_every=0",
+            *extra,
+        ],
+    )
+
+
+@pytest.fixture()
+def restore_threads():
+    """A run sets torch's thread count (one thread: a 64-wide model only waits on a second one); put it back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_rm_learns_planted_preference_and_resumes_identically(tiny_checkpoint, tmp_path, restore_threads):
+    data = tmp_path / "c.jsonl"
+    _planted_comparisons(data, 64)
+    args = ("val_fraction=0.25", "epochs=3", "ckpt_every=6", "threads=1")
+    summary = run(_config(tmp_path, tiny_checkpoint, data, *args))
+    assert summary["val_accuracy"] > 0.9
+    assert summary["val_rankings"] == 16 and summary["steps"] == 18
+    rm = RewardModel.load(summary["model"])
+    plain = [t for t in _texts(40, seed=7) if "happy" not in t.split()][:10]
+    happy = rm.score_texts(["Tell me a story."] * 10, [t + " happy" for t in plain])
+    sad = rm.score_texts(["Tell me a story."] * 10, plain)
+    assert sum(h > s for h, s in zip(happy, sad)) >= 9
+    # normalised on the SFT-policy training responses
+    norm = json.loads((Path(summary["model"]) / NORM_FILE).read_text())
+    assert norm["n"] == 48 * 4 and "SFT" in norm["fitted_on"]
+    stage = tmp_path / "runs/demo/reward"
+    calibration = json.loads((stage / "calibration.json").read_text())
+    assert sum(row["count"] for row in calibration) == 16 * 4  # 2 happy x 2 plain responses per ranking
+    # killed after the step-6 checkpoint, then resumed: the same final model as the straight run
+    final = {n: p.detach().clone() for n, p in rm.model.named_parameters()}
+    shutil.rmtree(stage / "checkpoints/step-0000012")
+    shutil.rmtree(stage / "model")
+    resumed = run(_config(tmp_path, tiny_checkpoint, data, *args, "resume=true"))
+    assert resumed["val_accuracy"] == pytest.approx(summary["val_accuracy"])
+    again = RewardModel.load(resumed["model"])
+    for name, p in again.model.named_parameters():
+        assert torch.allclose(p, final[name], atol=1e-6), name
+    steps = [row["step"] for row in read_metrics(stage / "metrics.jsonl") if "train/loss" in row]
+    assert steps == list(range(1, 19))
+
+
+def test_bad_inputs_are_clear_errors(tiny_checkpoint, tmp_path, restore_threads):
+    with pytest.raises(UserError, match="not found"):
+        run(_config(tmp_path, tiny_checkpoint, tmp_path / "nope.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(UserError, match="holds no records"):
+        run(_config(tmp_path, tiny_checkpoint, empty))
+    tied = tmp_path / "tied.jsonl"
+    write_jsonl(tied, [Comparison("p", ["a", "b", "c"], [1, 1, 1]), Comparison("q", ["a", "b"], [1, 1])])
+    with pytest.raises(UserError, match="all 2 rankings are ties"):
+        run(_config(tmp_path, tiny_checkpoint, tied))
+    gap = tmp_path / "gap.jsonl"
+    gap.write_text(json.dumps({"prompt": "p", "responses": ["a", "b", "c"], "ranks": [1, 3, 3]}) + "\n")
+    with pytest.raises(UserError, match=r"gap.jsonl:1: field 'ranks'.*skip rank 2"):
+        run(_config(tmp_path, tiny_checkpoint, gap))
+    long_prompt = tmp_path / "long.jsonl"
+    write_jsonl(long_prompt, [Comparison("the fox " * 200, ["a", "b"], [1, 2], prompt_id="x7")] * 2)
+    with pytest.raises(UserError, match="prompt_id 'x7'.*no room for a response"):
+        run(_config(tmp_path, tiny_checkpoint, long_prompt))
+    with pytest.raises(UserError, match="model.path"):
+        load_config(RewardConfig, None, [f"comparisons={gap}"])
