@@ -51,3 +51,177 @@ def test_ipo_loss_hand_computed():
     torch.testing.assert_close(chosen, torch.tensor([0.5]))  # rewards stay beta * summed log-ratio
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(pc, pr, rc, rr, loss_type="hinge")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage, on a planted preference: cheerful words are preferred to gloomy ones.
+
+GOOD = "happy glad kind love smile laugh friend sweet bright warm".split()
+BAD = "sad cry angry fear dark wicked die cold lost alone".split()
+ANIMALS = "fox bear rabbit bird mouse frog cat dog owl wolf horse lamb".split()
+
+
+def _planted(path, n: int, seed: int, k: int = 2) -> None:
+    import random
+
+    from rlhf.data.records import Comparison, write_jsonl
+
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        animal = rng.choice(ANIMALS)
+        good = [f"The {animal} was {' '.join(rng.sample(GOOD, 3))}." for _ in range(k - 1)]
+        responses = [*good, f"The {animal} was {' '.join(rng.sample(BAD, 3))}."]
+        ranks = [1] * (k - 1) + [2]  # the k-1 cheerful ones tie: ties give no pair
+        order = rng.sample(range(k), k)
+        rows.append(
+            Comparison(
+                prompt=f"Tell me about the {animal}, story {seed}-{i}.",
+                responses=[responses[j] for j in order],
+                ranks=[ranks[j] for j in order],
+                labeller="synthetic:planted",
+            )
+        )
+    write_jsonl(path, rows)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dpo")
+    _planted(root / "train.jsonl", 24, seed=1, k=3)  # 24 prompts x 2 pairs (the two cheerful answers tie)
+    _planted(root / "val.jsonl", 16, seed=2)
+    return root
+
+
+def _config(planted, ckpt, name: str, **overrides):
+    from rlhf.config import load_config
+    from rlhf.stages.dpo import DPOConfig
+
+    base = {
+        "comparisons": planted / "train.jsonl",
+        "val_comparisons": planted / "val.jsonl",
+        "model.path": ckpt,
+        "runs_dir": planted / "runs",
+        "name": name,
+        "steps": 6,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "lr_schedule": "constant",
+        "warmup_steps": 0,
+        "log_every": 1,
+        "eval_every": 0,
+        "max_length": 48,
+        "max_prompt_length": 24,
+        "threads": 2,
+    }
+    base.update(overrides)
+    return load_config(DPOConfig, None, [f"{k}={v}" for k, v in base.items()])
+
+
+def _losses(run_dir) -> dict[int, float]:
+    from rlhf.tracking import read_metrics
+
+    return {r["step"]: r["train/loss"] for r in read_metrics(run_dir) if "train/loss" in r}
+
+
+def test_dpo_learns_planted_preference_on_held_out_pairs(planted, tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.modeling import load_tokenizer
+    from rlhf.stages.dpo import REF_CACHE, all_pair_logprobs, build_pairs, run
+    from rlhf.tracking import read_metrics
+
+    summary = run(_config(planted, tiny_checkpoint, "learn", steps=16, eval_every=8))
+    out = planted / "runs" / "learn" / "dpo"
+    assert summary["pairs"] == 48  # 24 rankings of 3 with a tie at the top: 2 pairs each
+    # at step 0 the policy is the reference: every implicit reward and margin is exactly 0; DPO must raise it
+    assert summary["val/margin"] > 1.0 and summary["val/accuracy"] >= 0.9, summary
+    rows = read_metrics(out)
+    train = [r for r in rows if "train/loss" in r]
+    assert train[-1]["train/loss"] < 0.5 * train[0]["train/loss"]
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "train/lr"):
+        assert key in train[0]
+    assert [r["step"] for r in rows if "val/accuracy" in r] == [8, 16]
+
+    # the cached reference is the starting policy's log-probs
+    from rlhf.data.records import read_comparisons
+
+    tok = load_tokenizer(tiny_checkpoint)
+    pairs = build_pairs(read_comparisons(planted / "train.jsonl"), tok, 48, 24)
+    cache = torch.load(out / REF_CACHE, weights_only=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).eval()
+
+    class _Single:  # the 1-process view all_pair_logprobs expects
+        num_processes, process_index, is_main_process = 1, 0, True
+
+        def autocast(self):
+            return torch.autocast("cpu", enabled=False)
+
+    fresh = all_pair_logprobs(base, pairs[:8], tok.pad_token_id, 16, _Single())
+    torch.testing.assert_close(cache["train"][:8], fresh, rtol=1e-5, atol=1e-4)
+    # the final policy is a plain HF checkpoint that prefers the cheerful answers more than the base did
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    after = all_pair_logprobs(tuned, pairs[:8], tok.pad_token_id, 16, _Single())
+    assert ((after[:, 0] - after[:, 1]) - (fresh[:, 0] - fresh[:, 1])).min() > 0
+
+
+def test_resume_reaches_the_same_result(planted, tiny_checkpoint, caplog):
+    import shutil
+
+    from rlhf.checkpoint import list_checkpoints
+    from rlhf.stages.dpo import run
+
+    config = _config(planted, tiny_checkpoint, "resume", save_every=3)
+    run(config)
+    out = planted / "runs" / "resume" / "dpo"
+    whole = _losses(out)
+    weights = (out / "model" / "model.safetensors").read_bytes()
+    newest = list_checkpoints(out)[-1]
+    assert newest.name.endswith("6")
+    shutil.rmtree(newest)  # as if killed between step 3 and step 6
+    shutil.rmtree(out / "model")
+    config.resume = True
+    with caplog.at_level("INFO", logger="rlhf"):
+        run(config)
+    assert "reusing" in caplog.text and "at step 3" in caplog.text
+    assert _losses(out) == whole
+    assert (out / "model" / "model.safetensors").read_bytes() == weights
+
+
+def test_gradient_checkpointing_is_exact_and_bf16_is_close(planted, tiny_checkpoint):
+    from rlhf.stages.dpo import run
+
+    run(_config(planted, tiny_checkpoint, "fp32", steps=3))
+    run(_config(planted, tiny_checkpoint, "ckpt", steps=3, gradient_checkpointing=True))
+    run(_config(planted, tiny_checkpoint, "bf16", steps=3, bf16=True))
+    fp32, gc, bf16 = (_losses(planted / "runs" / n / "dpo") for n in ("fp32", "ckpt", "bf16"))
+    for step in (1, 2, 3):
+        assert gc[step] == pytest.approx(fp32[step], abs=1e-6)  # recomputation changes no arithmetic
+        # bf16 autocast: ~3 significant digits per matmul; the reference is computed under the same autocast
+        assert bf16[step] == pytest.approx(fp32[step], abs=0.03)
+    assert bf16[3] < bf16[1]
+
+
+def test_lora_dpo_uses_the_base_as_reference_and_saves_a_plain_model(planted, tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.stages.dpo import REF_CACHE, run
+
+    run(_config(planted, tiny_checkpoint, "full", steps=2))
+    summary = run(_config(planted, tiny_checkpoint, "lora", steps=4, **{"lora.enabled": True, "lora.r": 4}))
+    out = planted / "runs" / "lora" / "dpo"
+    # adapters disabled == the base: the cached reference equals full fine-tuning's (computed on the plain base)
+    full_ref = torch.load(planted / "runs" / "full" / "dpo" / REF_CACHE, weights_only=True)
+    lora_ref = torch.load(out / REF_CACHE, weights_only=True)
+    torch.testing.assert_close(lora_ref["train"], full_ref["train"], rtol=0, atol=1e-5)
+    assert (
+        out / "checkpoints" / "step-0000004" / "adapter_config.json"
+    ).exists()  # checkpoints hold adapters
+    assert not (out / "model" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(out / "model").state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint).state_dict()
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    assert changed and all(".attn." in k or ".mlp." in k for k in changed), (
+        changed
+    )  # only adapted layers moved
+    assert summary["val/margin"] > 0

@@ -1,0 +1,173 @@
+"""Thin helpers over Hugging Face Accelerate, the distribution layer of every training stage.
+
+Accelerate does the work (process groups, DDP/FSDP/DeepSpeed wrapping, gradient all-reduce, bf16 autocast); this
+module only maps a stage config onto it and keeps the rules in one place:
+
+- one process, or `accelerate launch -m rlhf <stage> ...`, or `rlhf <stage> ... num_processes=N` (re-launched
+  through `accelerate launch`): the same code path. On CPU the processes talk over gloo.
+- every rank reads the same data and takes its slice of each *global* batch (`rank_slice`), so N processes x batch
+  b make the same optimizer steps as 1 process x batch N*b;
+- only the main process writes the run folder (config, log, metrics, checkpoints, final model).
+
+Stage config fields read here (all optional, with these defaults): `device` ("cpu"), `bf16` (False),
+`gradient_checkpointing` (False), `num_processes` (1), `accelerate_config` ("").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.errors import UserError
+
+log = logging.getLogger("rlhf")
+
+
+def launched_by_accelerate() -> bool:
+    """True inside a process started by `accelerate launch` / torchrun (a rank of a group, possibly of one)."""
+    return "LOCAL_RANK" in os.environ or "ACCELERATE_MIXED_PRECISION" in os.environ
+
+
+def relaunch(config: Any, stage: str, argv: Sequence[str]) -> int | None:
+    """When `num_processes` > 1 and we are not yet a launched rank, run this stage again under `accelerate launch`
+    with N processes and return its exit code; otherwise return None and the caller trains in this process."""
+    n = int(getattr(config, "num_processes", 1) or 1)
+    if n <= 1 or launched_by_accelerate():
+        return None
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(n),
+        "--num_machines",
+        "1",
+    ]
+    accelerate_config = getattr(config, "accelerate_config", "")
+    if accelerate_config:
+        if not Path(accelerate_config).is_file():
+            raise UserError(f"config field 'accelerate_config': file not found: {accelerate_config}")
+        cmd += ["--config_file", accelerate_config]
+    else:
+        # Accelerate's torchrun launcher; on a machine without GPUs the ranks find `device=cpu` and use gloo.
+        cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd += ["-m", "rlhf", stage, *argv]
+    log.info("re-launching on %d processes: %s", n, " ".join(cmd[1:]))
+    return subprocess.call(cmd)
+
+
+def build_accelerator(config: Any) -> Any:
+    """An `Accelerator` for a stage config: CPU (gloo between ranks) or CUDA, bf16 autocast when `bf16`.
+
+    Gradient accumulation is left to the stage (`maybe_no_sync`), so the global batch stays explicit. Stages may
+    run one after another in one process (`rlhf loop`) with different precisions: the per-run settings are reset,
+    the process group is kept.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    device = str(getattr(config, "device", "cpu"))
+    on_cpu = device == "cpu"
+    if not on_cpu and not device.startswith("cuda"):
+        raise UserError(f"config field 'device': expected cpu, cuda or cuda:N, got '{device}'")
+    if not on_cpu and not torch.cuda.is_available():
+        raise UserError(f"config field 'device': '{device}' asked for, but torch sees no CUDA device")
+    if device.startswith("cuda:") and not launched_by_accelerate():
+        torch.cuda.set_device(int(device.split(":", 1)[1]))
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(cpu=on_cpu, mixed_precision="bf16" if getattr(config, "bf16", False) else "no")
+
+
+def start_run_on_main(accelerator: Any, config: Any, stage: str) -> Path:
+    """`tracking.start_run` on the main process only (it writes and clears the run folder); every rank is seeded
+    and sees the folder before this returns."""
+    from rlhf.tracking import seed_everything, stage_dir, start_run
+
+    if accelerator.is_main_process:
+        out = start_run(config, stage)
+        if accelerator.num_processes > 1:
+            log.info(
+                "data-parallel on %d processes (%s)", accelerator.num_processes, accelerator.distributed_type
+            )
+    else:
+        out = stage_dir(config, stage)
+        if getattr(config, "threads", 0):
+            torch.set_num_threads(config.threads)
+        seed_everything(config.seed)
+        logging.getLogger("rlhf").setLevel(logging.WARNING)  # one voice: the main process logs
+    accelerator.wait_for_everyone()
+    return out
+
+
+def enable_gradient_checkpointing(model: Any) -> None:
+    """Recompute activations in the backward pass (less memory, ~30% more compute). Works for LoRA models too:
+    non-reentrant checkpointing needs no input that requires grad."""
+    base = getattr(model, "module", model)
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if getattr(base, "config", None) is not None:
+        base.config.use_cache = False
+
+
+def rank_slice(items: Sequence[Any], accelerator: Any) -> list[Any]:
+    """This rank's contiguous share of a global batch (equal shares; the batch size must divide evenly)."""
+    n, rank = accelerator.num_processes, accelerator.process_index
+    if len(items) % n:
+        raise ValueError(f"global batch of {len(items)} does not split evenly over {n} processes")
+    share = len(items) // n
+    return list(items[rank * share : (rank + 1) * share])
+
+
+def mean_across(accelerator: Any, values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Average scalar metrics over ranks (each rank's value weighs the same: use equal per-rank batches)."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    local = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local, reduction="mean")
+    return {k: float(v) for k, v in zip(keys, local.tolist())}
+
+
+def sum_across(accelerator: Any, tensor: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over ranks (ranks fill disjoint entries of a zero tensor to share computed results)."""
+    if accelerator.num_processes == 1:
+        return tensor
+    return accelerator.reduce(tensor.to(accelerator.device), reduction="sum").cpu()
+
+
+def unwrap(accelerator: Any, model: Any) -> Any:
+    """The plain model (no DDP/FSDP/autocast wrapper) for saving or evaluation."""
+    return accelerator.unwrap_model(model)
+
+
+@contextlib.contextmanager
+def maybe_no_sync(accelerator: Any, model: Any, sync: bool) -> Iterator[None]:
+    """Skip the gradient all-reduce on micro-batches that are not the last of an optimizer step."""
+    if sync or accelerator.num_processes == 1:
+        yield
+    else:
+        with accelerator.no_sync(model):
+            yield
+
+
+def on_main(accelerator: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run `fn` on the main process only (saving, metrics), then let every rank continue together."""
+    result = fn(*args, **kwargs) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    return result
+
+
+def replace_folder(src: Path, dst: Path) -> None:
+    """Move a fully written folder into place (the final model), replacing an old one."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    os.replace(src, dst)
