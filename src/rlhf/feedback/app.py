@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 from rlhf import __version__
 from rlhf.errors import UserError
 from rlhf.feedback import export, schemas, service
+from rlhf.feedback.service import Actor
 from rlhf.feedback.store import Annotator, open_database
 
 HERE = Path(__file__).parent
@@ -67,14 +68,14 @@ def current_user(
     return user
 
 
-def admin_user(user: Annotated[Annotator, Depends(current_user)]) -> Annotator:
+def admin_user(user: Annotated[Actor, Depends(current_user)]) -> Actor:
     if not user.is_admin:
         raise HTTPException(403, "admins only")
     return user
 
 
-User = Annotated[Annotator, Depends(current_user)]
-Admin = Annotated[Annotator, Depends(admin_user)]
+User = Annotated[Actor, Depends(current_user)]
+Admin = Annotated[Actor, Depends(admin_user)]
 
 # ---------------------------------------------------------------------------------------------------------------
 # Annotator API
@@ -89,7 +90,7 @@ def login(body: schemas.SessionCreate, db: DB, response: Response):
     if user is None:
         raise HTTPException(401, "unknown token")
     response.set_cookie(COOKIE, body.token, httponly=True, samesite="strict", max_age=30 * 24 * 3600)
-    return service.public_annotator(user)
+    return service.public_annotator(db.get(Annotator, user.id))
 
 
 @api.delete("/session", status_code=204, tags=["session"])
@@ -98,8 +99,8 @@ def logout(response: Response):
 
 
 @api.get("/me", response_model=schemas.AnnotatorPublic, tags=["session"])
-def me(user: User):
-    return service.public_annotator(user)
+def me(db: DB, user: User):
+    return service.public_annotator(db.get(Annotator, user.id))
 
 
 @api.get("/next", response_model=schemas.NextOut, tags=["annotate"])
@@ -192,7 +193,7 @@ def export_batch(name: str, db: DB, _: Admin) -> dict:
 pages = APIRouter(include_in_schema=False)
 
 
-def _page_user(request: Request, db: Session) -> Annotator | None:
+def _page_user(request: Request, db: Session) -> Actor | None:
     return service.authenticate(db, request.cookies.get(COOKIE))
 
 
@@ -226,7 +227,7 @@ def admin_page(request: Request, db: DB):
 
 
 @pages.get("/healthz")
-def healthz():
+async def healthz():
     return {"ok": True}
 
 
@@ -326,6 +327,7 @@ def create_app(db: str | None = None, sessions: sessionmaker | None = None) -> F
         redoc_url=None,
     )
     app.state.sessions = sessions
+    app.state.actors = {}
     app.include_router(api)
     app.include_router(pages)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = verb("serve", "start the web app on 127.0.0.1")
     serve.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (0: any free port)")
+    serve.add_argument(
+        "--synchronous",
+        choices=["normal", "full"],
+        default="normal",
+        help="SQLite: normal survives a killed server; full (an fsync per commit) also a power cut",
+    )
     imp = verb("import", "import a `rlhf sample` JSONL as a labelling batch")
     imp.add_argument("samples", help="JSONL written by `rlhf sample` (docs/formats.md)")
     imp.add_argument("--batch", required=True, help="name of the new batch")
@@ -72,7 +78,7 @@ def serve(args: argparse.Namespace) -> int:
     from rlhf.feedback import service
     from rlhf.feedback.app import create_app
 
-    engine, sessions = open_database(args.db)
+    engine, sessions = open_database(args.db, args.synchronous)
     with sessions() as db:
         token = service.ensure_admin(db)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

@@ -12,11 +12,16 @@ import json
 import random
 import secrets
 import tempfile
+import weakref
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from rlhf.data.records import SampleRecord, ranking_error, ranks_from_scores, read_samples
 from rlhf.errors import UserError
@@ -50,6 +55,37 @@ class Invalid(FeedbackError):
 # Annotators and tokens
 
 
+@dataclass(frozen=True)
+class Actor:
+    """Who is acting: what the app keeps of an authenticated annotator between requests."""
+
+    id: int
+    name: str
+    is_admin: bool
+
+
+@dataclass(frozen=True)
+class BatchInfo:
+    """A batch's settings; batches never change after import, so they are cached per database."""
+
+    id: int
+    name: str
+    forms: list[str]
+    overlap: int
+    rating_scale: int
+
+
+_batch_cache: weakref.WeakKeyDictionary[Engine, dict[int, BatchInfo]] = weakref.WeakKeyDictionary()
+
+
+def batch_info(db: Session, batch_id: int) -> BatchInfo:
+    cache = _batch_cache.setdefault(db.get_bind(), {})
+    if batch_id not in cache:
+        b = db.get(Batch, batch_id)
+        cache[batch_id] = BatchInfo(b.id, b.name, list(b.forms), b.overlap, b.rating_scale)
+    return cache[batch_id]
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -77,10 +113,15 @@ def ensure_admin(db: Session) -> str | None:
     return create_annotator(db, name, admin=True)[1]
 
 
-def authenticate(db: Session, token: str | None) -> Annotator | None:
+def authenticate(db: Session, token: str | None) -> Actor | None:
     if not token:
         return None
-    return db.scalar(select(Annotator).where(Annotator.token_hash == hash_token(token)))
+    row = db.execute(
+        select(Annotator.id, Annotator.name, Annotator.is_admin).where(
+            Annotator.token_hash == hash_token(token)
+        )
+    ).first()
+    return None if row is None else Actor(*row)
 
 
 def list_annotators(db: Session) -> list[Annotator]:
@@ -197,6 +238,11 @@ def public_batch(db: Session, batch: Batch) -> schemas.BatchPublic:
 # Serving items: every query below is scoped to the acting annotator's own rows
 
 
+def _utc(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; every time we store is UTC."""
+    return moment.replace(tzinfo=timezone.utc) if moment is not None and moment.tzinfo is None else moment
+
+
 def public_annotation(ann: Annotation, annotator_name: str) -> schemas.AnnotationPublic:
     return schemas.AnnotationPublic(
         id=ann.id,
@@ -205,13 +251,13 @@ def public_annotation(ann: Annotation, annotator_name: str) -> schemas.Annotatio
         status=ann.status,
         feedback=ann.feedback or {},
         submission_id=ann.submission_id,
-        updated_at=ann.updated_at,
-        submitted_at=ann.submitted_at,
+        updated_at=_utc(ann.updated_at),
+        submitted_at=_utc(ann.submitted_at),
     )
 
 
-def public_item(db: Session, item: Item, ann: Annotation, user: Annotator) -> schemas.ItemPublic:
-    batch = db.get(Batch, item.batch_id)
+def public_item(db: Session, item: Item, ann: Annotation, user: Actor) -> schemas.ItemPublic:
+    batch = batch_info(db, item.batch_id)
     return schemas.ItemPublic(
         id=item.id,
         batch=batch.name,
@@ -225,25 +271,25 @@ def public_item(db: Session, item: Item, ann: Annotation, user: Annotator) -> sc
     )
 
 
-def _own(db: Session, user: Annotator, item_id: int) -> Annotation | None:
+def _own(db: Session, user: Actor, item_id: int) -> Annotation | None:
     return db.scalar(
         select(Annotation).where(Annotation.item_id == item_id, Annotation.annotator_id == user.id)
     )
 
 
-def _claim(db: Session, item: Item, overlap: int, user: Annotator) -> Annotation | None:
-    """Take a free slot of `item` for `user`; None when the item is full (or another claim won the race)."""
+def _claim(db: Session, item_id: int, overlap: int, user: Actor) -> Annotation | None:
+    """Take a free slot of the item for `user`; None when it is full (or another claim won the race)."""
     taken = set(
-        db.scalars(select(Annotation.slot).where(Annotation.item_id == item.id, Annotation.slot.is_not(None)))
+        db.scalars(select(Annotation.slot).where(Annotation.item_id == item_id, Annotation.slot.is_not(None)))
     )
     slot = next((s for s in range(overlap) if s not in taken), None)
     if slot is None:
         return None
-    ann = Annotation(item_id=item.id, annotator_id=user.id, slot=slot, status="draft", feedback={})
-    db.add(ann)
-    db.flush()
-    db.execute(update(Item).where(Item.id == item.id).values(filled=Item.filled + 1))
+    ann = Annotation(item_id=item_id, annotator_id=user.id, slot=slot, status="draft", feedback={})
     try:
+        db.add(ann)
+        db.flush()
+        db.execute(update(Item).where(Item.id == item_id).values(filled=Item.filled + 1))
         db.commit()
     except IntegrityError:
         db.rollback()
@@ -251,47 +297,62 @@ def _claim(db: Session, item: Item, overlap: int, user: Annotator) -> Annotation
     return ann
 
 
-def next_item(db: Session, user: Annotator, batch_name: str | None = None) -> tuple[Item, Annotation] | None:
+def next_item(db: Session, user: Actor, batch_name: str | None = None) -> tuple[Item, Annotation] | None:
     """The user's open draft if any, else a newly claimed item they have not seen whose overlap is not reached.
 
-    Items already started by others come first (so overlapping items complete), then in file order.
+    Items already started by others come first (so overlapping items complete), then in file order; among the first
+    few open items each annotator starts at a different one, so simultaneous claims rarely collide.
     """
-    batch_filter = [] if batch_name is None else [Batch.name == batch_name]
     if batch_name is not None:
-        get_batch(db, batch_name)
+        batches = [batch_info(db, get_batch(db, batch_name).id)]
+    else:
+        batches = [batch_info(db, batch_id) for batch_id in db.scalars(select(Batch.id).order_by(Batch.id))]
     draft = db.execute(
         select(Item, Annotation)
         .join(Annotation, Annotation.item_id == Item.id)
-        .join(Batch, Batch.id == Item.batch_id)
-        .where(Annotation.annotator_id == user.id, Annotation.status == "draft", *batch_filter)
+        .where(
+            Annotation.annotator_id == user.id,
+            Annotation.status == "draft",
+            Item.batch_id.in_([b.id for b in batches]),
+        )
         .order_by(Annotation.id)
         .limit(1)
     ).first()
     if draft is not None:
         return draft[0], draft[1]
+    for _attempt in range(5):
+        candidates = _open_items(db, batches, user)
+        if not candidates:
+            return None
+        start = user.id % len(candidates)  # annotators arriving together try different items first
+        for item_id, overlap in candidates[start:] + candidates[:start]:
+            ann = _claim(db, item_id, overlap, user)
+            if ann is not None:
+                return db.get(Item, item_id), ann
+    raise Conflict("too many annotators are claiming items at once; try again")
+
+
+def _open_items(db: Session, batches: list[BatchInfo], user: Actor) -> list[tuple[int, int]]:
+    """Up to 16 open items of the first batch that has any: one index range scan per fill level, fullest first."""
     mine = (
         select(Annotation.id)
         .where(Annotation.item_id == Item.id, Annotation.annotator_id == user.id)
         .exists()
     )
-    for _attempt in range(5):
-        candidates = db.execute(
-            select(Item, Batch.overlap)
-            .join(Batch, Batch.id == Item.batch_id)
-            .where(Item.filled < Batch.overlap, ~mine, *batch_filter)
-            .order_by(Batch.id, Item.filled.desc(), Item.position)
-            .limit(4)
-        ).all()
-        if not candidates:
-            return None
-        for item, overlap in candidates:
-            ann = _claim(db, item, overlap, user)
-            if ann is not None:
-                return item, ann
-    raise Conflict("too many annotators are claiming items at once; try again")
+    for batch in batches:
+        for filled in range(batch.overlap - 1, -1, -1):
+            found = db.scalars(
+                select(Item.id)
+                .where(Item.batch_id == batch.id, Item.filled == filled, ~mine)
+                .order_by(Item.position)
+                .limit(16)
+            ).all()
+            if found:
+                return [(item_id, batch.overlap) for item_id in found]
+    return []
 
 
-def own_item(db: Session, user: Annotator, item_id: int) -> tuple[Item, Annotation]:
+def own_item(db: Session, user: Actor, item_id: int) -> tuple[Item, Annotation]:
     """An item the user holds (claimed, drafted or submitted). Others' items read as not found."""
     ann = _own(db, user, item_id)
     if ann is None:
@@ -303,7 +364,7 @@ def _feedback_dict(fb: FeedbackIn) -> dict:
     return fb.model_dump(include=set(FeedbackIn.model_fields), exclude_none=True, mode="json")
 
 
-def save_draft(db: Session, user: Annotator, item_id: int, fb: FeedbackIn) -> Annotation:
+def save_draft(db: Session, user: Actor, item_id: int, fb: FeedbackIn) -> Annotation:
     """Lenient: partial feedback is fine; sizes must fit the item."""
     item, ann = own_item(db, user, item_id)
     if ann.status != "draft":
@@ -332,7 +393,7 @@ FIELD_FORM = {
 }
 
 
-def check_submit(item: Item, batch: Batch, body: SubmitIn) -> dict:
+def check_submit(item: Item, batch: BatchInfo, body: SubmitIn) -> dict:
     """Strict validation of a submit; returns the feedback to store."""
     fb = _feedback_dict(body)
     for field in ("demonstration", "critique", "note"):
@@ -394,27 +455,24 @@ def _check_ties(ranks: list[int], ties: list[list[int]]) -> None:
             )
 
 
-def submit(db: Session, user: Annotator, item_id: int, body: SubmitIn) -> tuple[Annotation, bool]:
+def submit(db: Session, user: Actor, item_id: int, body: SubmitIn) -> tuple[Annotation, bool]:
     """Store a final answer in one transaction; (annotation, replayed). Retrying a submission id is a no-op."""
-    previous = db.scalar(select(Annotation).where(Annotation.submission_id == body.submission_id))
-    if previous is not None:
-        if previous.annotator_id != user.id or previous.item_id != item_id:
-            raise Conflict(f"submission id '{body.submission_id}' was already used for another item")
-        return previous, True
-    item = db.get(Item, item_id)
-    if item is None:
-        raise NotFound(f"item {item_id} does not exist")
-    batch = db.get(Batch, item.batch_id)
     ann = _own(db, user, item_id)
+    if ann is not None and ann.submission_id == body.submission_id:
+        return ann, True  # a retry of a stored submit
     if ann is None:  # submitting straight to an item: claim it first, if a slot is free
-        ann = _claim(db, item, batch.overlap, user)
+        item = db.get(Item, item_id)
+        if item is None:
+            raise NotFound(f"item {item_id} does not exist")
+        ann = _claim(db, item_id, batch_info(db, item.batch_id).overlap, user) or _own(db, user, item_id)
         if ann is None:
-            ann = _own(db, user, item_id)
-            if ann is None:
-                raise Conflict(f"item {item_id} already has its {batch.overlap} annotator(s)")
+            raise Conflict(
+                f"item {item_id} already has its {batch_info(db, item.batch_id).overlap} annotator(s)"
+            )
     if ann.status != "draft":
         raise Conflict(f"item {item_id} is already {ann.status} (submission id '{ann.submission_id}')")
-    feedback = check_submit(item, batch, body)
+    item = db.get(Item, item_id)
+    feedback = check_submit(item, batch_info(db, item.batch_id), body)
     now = utcnow()
     values = {
         "status": "skipped" if body.skip else "submitted",
@@ -426,22 +484,30 @@ def submit(db: Session, user: Annotator, item_id: int, body: SubmitIn) -> tuple[
     if body.skip:
         values["slot"] = None  # a skip hands the item to someone else
     try:
+        # conditional on still being a draft: of two concurrent submits exactly one changes the row
         changed = db.execute(
-            update(Annotation).where(Annotation.id == ann.id, Annotation.status == "draft").values(**values)
+            update(Annotation)
+            .where(Annotation.id == ann.id, Annotation.status == "draft")
+            .values(**values)
+            .execution_options(synchronize_session=False)
         ).rowcount
         if changed == 1 and body.skip:
             db.execute(update(Item).where(Item.id == item_id).values(filled=Item.filled - 1))
         db.commit()
-    except IntegrityError:  # the same submission id, committed concurrently by a retry
+    except IntegrityError:  # the submission id is taken: a concurrent retry of this submit, or another item's
         db.rollback()
         changed = 0
-    db.expire_all()
-    stored = db.get(Annotation, ann.id)
-    if changed != 1:
-        if stored.submission_id == body.submission_id:
-            return stored, True
-        raise Conflict(f"item {item_id} was submitted concurrently with another submission id")
-    return stored, False
+    if changed == 1:
+        for key, value in values.items():
+            set_committed_value(ann, key, value)
+        return ann, False
+    db.expire(ann)
+    stored = db.scalar(select(Annotation).where(Annotation.submission_id == body.submission_id))
+    if stored is not None and stored.id == ann.id:
+        return stored, True
+    if stored is not None:
+        raise Conflict(f"submission id '{body.submission_id}' was already used for another item")
+    raise Conflict(f"item {item_id} was submitted concurrently with another submission id")
 
 
 # ---------------------------------------------------------------------------------------------------------------

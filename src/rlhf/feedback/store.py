@@ -1,9 +1,13 @@
 """The database: SQLAlchemy 2 models, engines and sessions; Alembic migrations are applied on open.
 
-SQLite (the embedded default) runs in WAL mode with `synchronous=FULL`: a commit returns only after its WAL frame is
-fsynced, so an acknowledged submit survives a killed server and a power cut alike (NORMAL would survive a killed
-process but not a power cut; at ~0.2 ms per fsync here FULL costs nothing we can measure). PostgreSQL works through
-a `postgresql+psycopg://` URL.
+SQLite (the embedded default) runs in WAL mode. Durability, precisely:
+- `synchronous=NORMAL` (default): COMMIT returns after the transaction's WAL frames are written to the file (the
+  kernel's page cache); only checkpoints fsync. A killed server (SIGKILL, OOM, crash) loses nothing acknowledged:
+  the frames are the kernel's, and the next open replays the WAL. An OS crash or power cut may roll back the last
+  few transactions (never corrupt the file). `benchmarks/label_load.py` SIGKILLs the server mid-load to check this.
+- `synchronous=FULL` (`rlhf label serve --synchronous full`): COMMIT also fsyncs the WAL, so an acknowledged submit
+  survives a power cut too; it costs one fsync per write (0.2 ms on an idle SSD, 6+ ms on a busy shared disk).
+PostgreSQL works through a `postgresql+psycopg://` URL (its default synchronous_commit=on is power-safe).
 """
 
 from __future__ import annotations
@@ -127,28 +131,33 @@ def database_url(db: str | None) -> str:
     return f"sqlite:///{Path(db)}"
 
 
-def make_engine(db: str | None) -> Engine:
+SYNCHRONOUS = ("normal", "full")
+
+
+def make_engine(db: str | None, synchronous: str = "normal") -> Engine:
     url = make_url(database_url(db))
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        if synchronous not in SYNCHRONOUS:
+            raise UserError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got '{synchronous}'")
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
         return engine
     if url.get_backend_name() != "postgresql":
         raise UserError(
             f"--db: unsupported database '{url.get_backend_name()}' (use a SQLite path or postgresql://)"
         )
     return create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True)
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA busy_timeout=30000")
-    cursor.close()
 
 
 def migrate(engine: Engine) -> None:
@@ -163,9 +172,9 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
-def open_database(db: str | None) -> tuple[Engine, sessionmaker]:
+def open_database(db: str | None, synchronous: str = "normal") -> tuple[Engine, sessionmaker]:
     """Engine + session factory of a migrated database."""
-    engine = make_engine(db)
+    engine = make_engine(db, synchronous)
     try:
         migrate(engine)
     except (DBAPIError, OSError) as exc:  # a server that is down, a file we cannot write

@@ -1,0 +1,260 @@
+"""Load test of the feedback app: 32 simulated annotators submit rankings over loopback to a real server.
+
+    python benchmarks/label_load.py [--quick] [--seconds S] [--clients 32]
+
+Modes: (1) max rate: each client submits again as soon as it has its answer (throughput); (2) paced: the clients
+together submit 300/s, open loop, latency counted from when each submit was due (p50/p99 at the target load; with
+32 closed-loop clients Little's law ties latency to 32/throughput, so only a paced run measures latency);
+(3) kill: the server is SIGKILLed mid-load and restarted; clients retry their pending submit with the same
+submission id. After each run: rows in the DB == acknowledged submits, 0 lost, 0 duplicated.
+The server is `rlhf label serve` (uvicorn, one process) on SQLite in WAL mode with synchronous=FULL.
+There is no peer for this: the RESULT lines compare with the issue's targets (>= 300 submits/s, p99 < 50 ms).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from rlhf.data.records import Response, SampleRecord  # noqa: E402
+from rlhf.feedback import service  # noqa: E402
+from rlhf.feedback.store import open_database  # noqa: E402
+
+K = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare(db: Path, items: int, clients: int) -> list[str]:
+    engine, sessions = open_database(str(db))
+    samples = [
+        SampleRecord(
+            f"p{i}", f"Prompt {i}: tell a story.", [Response(f"response {j} of {i} " * 8) for j in range(K)]
+        )
+        for i in range(items)
+    ]
+    with sessions() as session:
+        service.import_batch(session, "load", samples, ["ranking"], overlap=1)
+        tokens = [service.create_annotator(session, f"annotator{c}")[1] for c in range(clients)]
+        service.ensure_admin(session)
+    engine.dispose()
+    return tokens
+
+
+class Server:
+    def __init__(self, db: Path, port: int, synchronous: str):
+        self.db, self.port, self.synchronous, self.proc = db, port, synchronous, None
+
+    def start(self) -> None:
+        cmd = [
+            sys.executable,
+            "-m",
+            "rlhf.cli",
+            "label",
+            "serve",
+            "--db",
+            str(self.db),
+            "--port",
+            str(self.port),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(
+            f"server did not start: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
+        )
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=20)
+
+
+class Annotator(threading.Thread):
+    """Loops: submit a random ranking of the current item, take the next one from the answer."""
+
+    def __init__(self, n: int, token: str, port: int, stop_at: float, interval: float = 0.0):
+        super().__init__(daemon=True)
+        self.n, self.port, self.stop_at, self.interval = n, port, stop_at, interval
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.latencies: list[float] = []
+        self.acked: dict[str, int] = {}  # submission id -> item id
+        self.retries = 0
+        self.conn = None
+        self.rng = random.Random(n)
+
+    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+        """One request; on a dropped connection (server killed) retry the SAME request until it answers."""
+        payload = None if body is None else json.dumps(body)
+        while True:
+            try:
+                if self.conn is None:
+                    self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                self.conn.request(method, path, payload, self.headers)
+                response = self.conn.getresponse()
+                data = json.loads(response.read())
+                if response.status >= 500:
+                    raise ConnectionError(f"{response.status}")
+                if response.status != 200:
+                    raise RuntimeError(f"{method} {path}: {response.status} {data}")
+                return data
+            except (OSError, http.client.HTTPException, ConnectionError):
+                self.retries += 1
+                if self.conn is not None:
+                    self.conn.close()
+                self.conn = None
+                time.sleep(0.05)
+
+    def run(self) -> None:
+        item = self.call("GET", "/api/next")["item"]
+        count = 0
+        due = time.perf_counter() + self.rng.random() * self.interval  # paced clients start out of phase
+        while item is not None and time.time() < self.stop_at:
+            ranks = self.rng.sample(range(1, K + 1), K)
+            sid = f"c{self.n}-{count}-{self.rng.getrandbits(32):08x}"
+            if self.interval:  # open loop: latency counts from when the submit was due, so queueing shows
+                time.sleep(max(0.0, due - time.perf_counter()))
+                start, due = due, due + self.interval
+            else:
+                start = time.perf_counter()
+            answer = self.call(
+                "POST", f"/api/items/{item['id']}/submit", {"submission_id": sid, "ranks": ranks}
+            )
+            self.latencies.append(time.perf_counter() - start)
+            assert answer["annotation"]["submission_id"] == sid
+            self.acked[sid] = item["id"]
+            item, count = answer["next"], count + 1
+
+
+def count_check(db: Path, acked: dict[str, int]) -> dict:
+    with sqlite3.connect(db) as conn:
+        rows = dict(conn.execute("SELECT submission_id, item_id FROM annotations WHERE status = 'submitted'"))
+        duplicate_ids = conn.execute(
+            "SELECT COUNT(*) - COUNT(DISTINCT submission_id) FROM annotations WHERE submission_id IS NOT NULL"
+        ).fetchone()[0]
+        over_full = conn.execute(
+            "SELECT COUNT(*) FROM (SELECT item_id FROM annotations WHERE slot IS NOT NULL "
+            "GROUP BY item_id HAVING COUNT(*) > 1)"
+        ).fetchone()[0]
+    lost = sum(1 for sid, item in acked.items() if rows.get(sid) != item)
+    return {"rows": len(rows), "acked": len(acked), "lost": lost, "duplicates": duplicate_ids + over_full}
+
+
+def load(
+    seconds: float, clients: int, kill_after: float | None, items: int, synchronous: str = "normal"
+) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        db = Path(tmp) / "feedback.db"
+        tokens = prepare(db, items, clients)
+        server = Server(db, free_port(), synchronous)
+        server.start()
+        try:
+            stop_at = time.time() + seconds
+            interval = clients / rate if rate else 0.0
+            workers = [Annotator(n, tokens[n], server.port, stop_at, interval) for n in range(clients)]
+            start = time.perf_counter()
+            [w.start() for w in workers]
+            restart_s = None
+            if kill_after is not None:
+                time.sleep(kill_after)
+                server.kill()
+                t0 = time.perf_counter()
+                server.start()
+                restart_s = time.perf_counter() - t0
+            [w.join() for w in workers]
+            elapsed = time.perf_counter() - start
+        finally:
+            server.stop()
+        acked = {sid: item for w in workers for sid, item in w.acked.items()}
+        latencies = sorted(x for w in workers for x in w.latencies)
+        out = count_check(db, acked)
+    out.update(
+        per_s=len(acked) / elapsed,
+        p50_ms=1000 * statistics.median(latencies),
+        p99_ms=1000 * latencies[int(0.99 * (len(latencies) - 1))],
+        retries=sum(w.retries for w in workers),
+        restart_s=restart_s,
+    )
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="about a minute")
+    parser.add_argument("--seconds", type=float, default=None, help="length of each mode")
+    parser.add_argument("--clients", type=int, default=32)
+    args = parser.parse_args()
+    seconds = args.seconds or (15.0 if args.quick else 60.0)
+    items = int(seconds * 1500)  # more than can be labelled, so nobody runs dry
+    runs = {
+        "steady (max rate)": load(seconds, args.clients, None, items),
+        "paced at 300/s": load(seconds, args.clients, None, items, rate=300.0),
+        "SIGKILL+restart": load(seconds, args.clients, seconds / 2, items),
+    }
+    if not args.quick:
+        runs["max rate, sync=FULL"] = load(seconds / 2, args.clients, None, items, synchronous="full")
+    header = ["mode", "submits/s", "p50 ms", "p99 ms", "acked", "rows", "lost", "dup", "retries"]
+    rows = [
+        [name, r["per_s"], r["p50_ms"], r["p99_ms"], r["acked"], r["rows"], r["lost"], r["duplicates"], r["retries"]]
+        for name, r in runs.items()
+    ]
+    cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for n, row in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+    killed = runs["SIGKILL+restart"]
+    print(f"server restart after SIGKILL took {killed['restart_s']:.2f} s (clients retried meanwhile)")
+    ok = all(r["lost"] == 0 and r["duplicates"] == 0 and r["rows"] == r["acked"] for r in runs.values())
+    print(f"count check: {'OK' if ok else 'FAILED'} (rows in DB == acknowledged submits, 0 lost, 0 duplicated)")
+    print(f"cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (the clients share the machine)")
+    result("label_submits_per_s", runs["steady (max rate)"]["per_s"], 300.0, "submits/s")
+    result("label_p99_ms_at_300_per_s", runs["paced at 300/s"]["p99_ms"], 50.0, "ms", higher_is_better=False)
+    result("label_lost_or_duplicated_after_sigkill", killed["lost"] + killed["duplicates"], 0.0, "records", False)
+    return 0 if ok else 1
+
+
+def result(name: str, ours: float, target: float, unit: str, higher_is_better: bool = True) -> None:
+    """The RESULT line of benchmarks/common.py (not imported: it pulls in torch, which this app never needs)."""
+    if higher_is_better:
+        ratio = ours / target
+    else:
+        ratio = target / ours if ours else (1.0 if target == 0 else float("inf"))
+    print(f"RESULT {name} ours={ours:.4g} peer={target:.4g} unit={unit} ratio={ratio:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

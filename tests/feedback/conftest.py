@@ -1,0 +1,90 @@
+"""Fixtures of the feedback-app tests: a migrated SQLite database per test, an app client, annotators, samples."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+
+import pytest
+from fastapi.testclient import TestClient
+
+from rlhf.data.records import Response, SampleRecord
+from rlhf.feedback import service
+from rlhf.feedback.app import create_app
+from rlhf.feedback.store import make_engine, migrate, open_database
+
+
+def make_samples(n: int = 4, k: int = 4, prefix: str = "p") -> list[SampleRecord]:
+    return [
+        SampleRecord(
+            prompt_id=f"{prefix}{i}",
+            prompt=f"Tell me a story about fox number {i}.",
+            responses=[
+                Response(text=f"Story {j} about fox {i}.", token_ids=[10 + j, 20 + i, 2], policy="sft")
+                for j in range(k)
+            ],
+        )
+        for i in range(n)
+    ]
+
+
+def sample_dicts(n: int = 4, k: int = 4) -> list[dict]:
+    return [
+        {"prompt_id": s.prompt_id, "prompt": s.prompt, "responses": [{"text": r.text} for r in s.responses]}
+        for s in make_samples(n, k)
+    ]
+
+
+@pytest.fixture(scope="session")
+def template_db(tmp_path_factory):
+    """Migrate once; each test copies the file (Alembic on every test would cost ~0.3 s each)."""
+    path = tmp_path_factory.mktemp("template") / "feedback.db"
+    engine = make_engine(str(path))
+    migrate(engine)
+    engine.dispose()
+    return path
+
+
+@pytest.fixture
+def db_path(template_db, tmp_path):
+    path = tmp_path / "feedback.db"
+    shutil.copy(template_db, path)
+    return path
+
+
+@dataclass
+class Env:
+    client: TestClient
+    sessions: object
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    def headers(self, who: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.tokens[who]}"}
+
+    def db(self):
+        return self.sessions()
+
+    def batch(self, name="b1", n=4, k=4, forms=("ranking",), overlap=1, rating_scale=7, samples=None):
+        with self.sessions() as db:
+            service.import_batch(db, name, samples or make_samples(n, k), list(forms), overlap, rating_scale)
+
+    def next(self, who: str, batch: str | None = None) -> dict | None:
+        r = self.client.get("/api/next", params={"batch": batch} if batch else None, headers=self.headers(who))
+        assert r.status_code == 200, r.text
+        return r.json()["item"]
+
+    def submit(self, who: str, item_id: int, body: dict, sid: str | None = None):
+        body = {"submission_id": sid or f"sub-{who}-{item_id}-0001", **body}
+        return self.client.post(f"/api/items/{item_id}/submit", json=body, headers=self.headers(who))
+
+
+@pytest.fixture
+def env(db_path):
+    engine, sessions = open_database(str(db_path))
+    with sessions() as db:
+        tokens = {"admin": service.create_annotator(db, "admin", admin=True)[1]}
+        for name in ("alice", "bob", "carol"):
+            tokens[name] = service.create_annotator(db, name)[1]
+    with TestClient(create_app(sessions=sessions)) as client:
+        yield Env(client, sessions, tokens)
+    engine.dispose()
