@@ -173,8 +173,14 @@ def count_check(db: Path, acked: dict[str, int]) -> dict:
 
 
 def load(
-    seconds: float, clients: int, kill_after: float | None, items: int, synchronous: str = "normal"
+    seconds: float,
+    clients: int,
+    kill_after: float | None,
+    items: int,
+    synchronous: str = "normal",
+    rate: float = 0,
 ) -> dict:
+    """One run; `rate` > 0 paces the clients to that many submits/s in all (0: as fast as they can)."""
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "feedback.db"
         tokens = prepare(db, items, clients)
@@ -227,7 +233,17 @@ def main() -> int:
         runs["max rate, sync=FULL"] = load(seconds / 2, args.clients, None, items, synchronous="full")
     header = ["mode", "submits/s", "p50 ms", "p99 ms", "acked", "rows", "lost", "dup", "retries"]
     rows = [
-        [name, r["per_s"], r["p50_ms"], r["p99_ms"], r["acked"], r["rows"], r["lost"], r["duplicates"], r["retries"]]
+        [
+            name,
+            r["per_s"],
+            r["p50_ms"],
+            r["p99_ms"],
+            r["acked"],
+            r["rows"],
+            r["lost"],
+            r["duplicates"],
+            r["retries"],
+        ]
         for name, r in runs.items()
     ]
     cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
@@ -239,11 +255,17 @@ def main() -> int:
     killed = runs["SIGKILL+restart"]
     print(f"server restart after SIGKILL took {killed['restart_s']:.2f} s (clients retried meanwhile)")
     ok = all(r["lost"] == 0 and r["duplicates"] == 0 and r["rows"] == r["acked"] for r in runs.values())
-    print(f"count check: {'OK' if ok else 'FAILED'} (rows in DB == acknowledged submits, 0 lost, 0 duplicated)")
-    print(f"cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (the clients share the machine)")
+    print(
+        f"count check: {'OK' if ok else 'FAILED'} (rows in DB == acknowledged submits, 0 lost, 0 duplicated)"
+    )
+    print(
+        f"cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (the clients share the machine)"
+    )
     result("label_submits_per_s", runs["steady (max rate)"]["per_s"], 300.0, "submits/s")
     result("label_p99_ms_at_300_per_s", runs["paced at 300/s"]["p99_ms"], 50.0, "ms", higher_is_better=False)
-    result("label_lost_or_duplicated_after_sigkill", killed["lost"] + killed["duplicates"], 0.0, "records", False)
+    result(
+        "label_lost_or_duplicated_after_sigkill", killed["lost"] + killed["duplicates"], 0.0, "records", False
+    )
     return 0 if ok else 1
 
 
