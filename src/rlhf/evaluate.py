@@ -118,10 +118,21 @@ def snapshot_folders(stage_dir: str | Path) -> list[Path]:
     found = [f for f in (model_folder(c) for c in snaps or list_checkpoints(stage_dir)) if f is not None]
     final = model_folder(stage_dir / "model")
     if final is not None:
+        if found and _weights_digest(found[-1]) == _weights_digest(final):
+            found.pop()  # the last snapshot is the final model: evaluate it once, as the final model
         found.append(final)
     if not found:
         raise UserError(f"config field 'snapshots': {stage_dir} holds no checkpoint and no model/")
     return found
+
+
+def _weights_digest(folder: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def read_prompts(path: str | Path, limit: int) -> list[tuple[str, str]]:

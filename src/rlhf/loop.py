@@ -138,15 +138,22 @@ def _jsonable(obj: Any) -> Any:
 # Building a stage's config: user section + the loop's wiring
 
 
-def _merge(tree: dict, dotted: dict) -> dict:
-    tree = copy.deepcopy(tree)
-    for key, value in dotted.items():
-        node = tree
-        parts = key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return tree
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def _has_field(cls: type, dotted: str) -> bool:
@@ -161,7 +168,11 @@ def _has_field(cls: type, dotted: str) -> bool:
 
 
 def stage_config(cls: type, loop: LoopConfig, section: dict, wiring: dict, where: str, resume: bool) -> Any:
-    """`cls` from the user's section with the loop's wiring on top (wiring keys the stage lacks are dropped)."""
+    """`cls` from the loop's wiring (keys the stage lacks are dropped), the user's section on top of it.
+
+    The section may override wiring (e.g. `pretrain: {data: [other.txt]}`); run folder, seed and resume are the
+    loop's own.
+    """
     common = {
         "seed": loop.seed,
         "device": loop.device,
@@ -170,8 +181,13 @@ def stage_config(cls: type, loop: LoopConfig, section: dict, wiring: dict, where
         "runs_dir": str(Path(loop.runs_dir) / loop.name) if "/" in where else loop.runs_dir,
         "name": where.split("/")[0] if "/" in where else loop.name,
     }
-    wiring = {k: v for k, v in {**wiring, **common}.items() if _has_field(cls, k)}
-    tree = _merge(section, wiring)
+    tree: dict = {}
+    for key, value in wiring.items():
+        if _has_field(cls, key):
+            _set(tree, key, value)
+    tree = _deep_merge(tree, section)
+    for key, value in common.items():
+        _set(tree, key, value)
     try:
         config = from_dict(cls, tree)
     except UserError as exc:
