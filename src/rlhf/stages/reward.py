@@ -62,6 +62,9 @@ class RewardConfig(StageConfig):
     warmup_steps: int = option(10, "linear warm-up steps, then linear decay to 0", low=0)
     batch_size: int = option(8, "rankings per optimizer step (all C(K,2) pairs of each)", low=1)
     max_length: int = option(0, "longest prompt+response in tokens; 0 = the model's context", low=0)
+    long_prompts: str = option(
+        "error", "a prompt that leaves no room for a response within max_length", choices=("error", "skip")
+    )
     margin: float = option(0.0, "margin m in -log sigmoid(r_w - r_l - m)")
     max_grad_norm: float = option(1.0, "gradient clipping; 0 = off", low=0.0)
     bf16: bool = option(False, "bf16 autocast for forward/backward (weights stay fp32)")
@@ -102,16 +105,21 @@ class Ranking:
     policies: list[str]
 
 
-def _tokenize(rm: RewardModel, records: list[Comparison], source: str, max_length: int) -> list[Ranking]:
-    out, cut = [], 0
+def _tokenize(
+    rm: RewardModel, records: list[Comparison], source: str, max_length: int, long_prompts: str = "error"
+) -> list[Ranking]:
+    out, cut, skipped = [], 0, 0
     tok = rm.tokenizer
     for n, record in enumerate(records):
         prompt_ids = encode_prompt(tok, record.prompt)
+        if len(prompt_ids) >= max_length and long_prompts == "skip":
+            skipped += 1
+            continue
         if len(prompt_ids) >= max_length:
             raise UserError(
                 f"{source}: record {n + 1} (prompt_id '{record.prompt_id}'): the prompt is {len(prompt_ids)} "
                 f"tokens, which leaves no room for a response within max_length {max_length}; shorten it, drop "
-                f"the record, or raise max_length (up to the model's context)"
+                f"the record, raise max_length (up to the model's context) or set long_prompts=skip"
             )
         seqs = []
         for i, text in enumerate(record.responses):
@@ -122,6 +130,10 @@ def _tokenize(rm: RewardModel, records: list[Comparison], source: str, max_lengt
                 seq = seq[:max_length]
             seqs.append(seq)
         out.append(Ranking(seqs, list(record.ranks), list(record.policies) or [""] * len(seqs)))
+    if skipped:
+        log.info("%s: %d ranking(s) skipped: prompt longer than max_length %d", source, skipped, max_length)
+    if not out:
+        raise UserError(f"{source}: every prompt is longer than max_length {max_length}")
     if cut:
         log.info("%s: %d response(s) cut to max_length %d (their end is dropped)", source, cut, max_length)
     return out
@@ -316,8 +328,12 @@ def run(config: RewardConfig) -> dict:
     )
     rm.to(device)
     max_length = min(config.max_length or rm.context, rm.context)
-    train = _tokenize(rm, train_records, "training comparisons", max_length)
-    val = _tokenize(rm, val_records, "validation comparisons", max_length)
+    train = _tokenize(rm, train_records, "training comparisons", max_length, config.long_prompts)
+    val = (
+        _tokenize(rm, val_records, "validation comparisons", max_length, config.long_prompts)
+        if val_records
+        else []
+    )
     pairs_per_epoch = sum(len(r.sequences) * (len(r.sequences) - 1) // 2 for r in train)
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = config.max_steps or config.epochs * steps_per_epoch
