@@ -28,13 +28,6 @@ def make_samples(n: int = 4, k: int = 4, prefix: str = "p") -> list[SampleRecord
     ]
 
 
-def sample_dicts(n: int = 4, k: int = 4) -> list[dict]:
-    return [
-        {"prompt_id": s.prompt_id, "prompt": s.prompt, "responses": [{"text": r.text} for r in s.responses]}
-        for s in make_samples(n, k)
-    ]
-
-
 @pytest.fixture(scope="session")
 def template_db(tmp_path_factory):
     """Migrate once; each test copies the file (Alembic on every test would cost ~0.3 s each)."""
