@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass, field
 
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import create_engine
 
 from rlhf.data.records import Response, SampleRecord
 from rlhf.feedback import service
@@ -62,7 +64,9 @@ class Env:
             service.import_batch(db, name, samples or make_samples(n, k), list(forms), overlap, rating_scale)
 
     def next(self, who: str, batch: str | None = None) -> dict | None:
-        r = self.client.get("/api/next", params={"batch": batch} if batch else None, headers=self.headers(who))
+        r = self.client.get(
+            "/api/next", params={"batch": batch} if batch else None, headers=self.headers(who)
+        )
         assert r.status_code == 200, r.text
         return r.json()["item"]
 
@@ -80,4 +84,49 @@ def env(db_path):
             tokens[name] = service.create_annotator(db, name)[1]
     with TestClient(create_app(sessions=sessions)) as client:
         yield Env(client, sessions, tokens)
+    engine.dispose()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PostgreSQL: .ci/run starts one and exports RLHF_TEST_POSTGRES_URL. Locally the tests use that URL, else the
+# server `source .ci/postgres.sh && start_test_postgres` starts; they skip only when neither exists, never on CI.
+
+LOCAL_POSTGRES = "postgresql+psycopg://rlhf@127.0.0.1:55432/rlhf_test"
+
+
+def postgres_url() -> str:
+    url = os.environ.get("RLHF_TEST_POSTGRES_URL")
+    if url:
+        return url
+    if os.environ.get("CI"):
+        pytest.fail(
+            "CI is set but RLHF_TEST_POSTGRES_URL is not: .ci/run must start PostgreSQL (.ci/postgres.sh)"
+        )
+    try:
+        import psycopg
+
+        psycopg.connect(LOCAL_POSTGRES.replace("+psycopg", ""), connect_timeout=2).close()
+    except Exception as exc:  # noqa: BLE001 - any failure to connect means: no local server
+        pytest.skip(f"no PostgreSQL server (set RLHF_TEST_POSTGRES_URL or start .ci/postgres.sh): {exc}")
+    return LOCAL_POSTGRES
+
+
+@pytest.fixture
+def pg_url() -> str:
+    """An empty PostgreSQL database (the public schema dropped and re-created)."""
+    url = postgres_url()
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DROP SCHEMA public CASCADE")
+        conn.exec_driver_sql("CREATE SCHEMA public")
+    engine.dispose()
+    return url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, db_path):
+    """(engine, session factory) of a migrated database on each backend."""
+    url = str(db_path) if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    engine, sessions = open_database(url)
+    yield engine, sessions
     engine.dispose()

@@ -19,6 +19,8 @@ def test_errors(env):
     bad = env.client.post("/api/admin/annotators", json={"name": "<script>"}, headers=env.headers("admin"))
     assert bad.status_code == 422 and bad.json()["error"].startswith("field 'name'")
     for method in ("GET", "POST"):
-        r = env.client.request(method, "/api/admin/annotators", json={"name": "eve"}, headers=env.headers("alice"))
+        r = env.client.request(
+            method, "/api/admin/annotators", json={"name": "eve"}, headers=env.headers("alice")
+        )
         assert r.status_code == 403 and r.json() == {"error": "admins only"}
     assert env.client.get("/api/admin/annotators").status_code == 401

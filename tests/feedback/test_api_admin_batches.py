@@ -26,16 +26,26 @@ def test_import_and_list(env):
         "items": 2,
         "created_at": 0,
     }
-    assert [b["name"] for b in env.client.get("/api/admin/batches", headers=env.headers("admin")).json()] == ["b1"]
+    assert [b["name"] for b in env.client.get("/api/admin/batches", headers=env.headers("admin")).json()] == [
+        "b1"
+    ]
     assert env.next("alice")["forms"] == ["ranking", "critique"]
 
 
 @pytest.mark.parametrize(
     "body, status, message",
     [
-        ({"samples": [{"prompt": "p", "responses": ["only one"]}]}, 422, "has 1 responses; the app shows 2..9"),
+        (
+            {"samples": [{"prompt": "p", "responses": ["only one"]}]},
+            422,
+            "has 1 responses; the app shows 2..9",
+        ),
         ({"samples": [{"prompt": "p"}]}, 422, "samples line:1: missing field 'responses'"),
-        ({"samples": [{"prompt": "p", "responses": [{"txt": 1}, "b"]}]}, 422, "responses[0] needs a string field"),
+        (
+            {"samples": [{"prompt": "p", "responses": [{"txt": 1}, "b"]}]},
+            422,
+            "responses[0] needs a string field",
+        ),
         ({"samples": []}, 422, "field 'samples'"),
         ({"forms": ["vibes"]}, 422, "field 'forms.0'"),
         ({"overlap": 0}, 422, "field 'overlap'"),

@@ -9,7 +9,12 @@ def test_draft_is_saved_leniently_and_restored(env):
     env.batch(n=1, forms=("ranking", "rating", "critique", "correction"))
     item = env.next("alice")
     url = f"/api/items/{item['id']}/draft"
-    draft = {"ranks": [2, None, 1], "ratings": [5], "critique": "half done", "correction": {"index": 1, "text": "B!"}}
+    draft = {
+        "ranks": [2, None, 1],
+        "ratings": [5],
+        "critique": "half done",
+        "correction": {"index": 1, "text": "B!"},
+    }
     r = env.client.put(url, json=draft, headers=env.headers("alice"))
     assert r.status_code == 200 and r.json()["status"] == "draft"
     got = env.client.get(f"/api/items/{item['id']}", headers=env.headers("alice")).json()
@@ -57,7 +62,9 @@ def test_body_size_limits(env):
             yield b"y" * 1000
         yield b'"}'
 
-    r = env.client.put(url, content=chunks(), headers={**env.headers("alice"), "Content-Type": "application/json"})
+    r = env.client.put(
+        url, content=chunks(), headers={**env.headers("alice"), "Content-Type": "application/json"}
+    )
     assert r.status_code == 413
     text_limit = env.client.put(url, json={"critique": "z" * 20_001}, headers=env.headers("alice"))
     assert text_limit.status_code == 422 and "critique" in text_limit.json()["error"]

@@ -7,14 +7,19 @@ def test_next_returns_the_open_draft_until_it_is_submitted(env):
     env.batch(n=3)
     first = env.next("alice")
     n = first["prompt_id"][1:]
-    assert first["annotation"]["status"] == "draft" and first["responses"] == [f"Story {j} about fox {n}." for j in range(4)]
+    assert first["annotation"]["status"] == "draft" and first["responses"] == [
+        f"Story {j} about fox {n}." for j in range(4)
+    ]
     assert env.next("alice")["id"] == first["id"]  # asking again does not claim a second item
     env.submit("alice", first["id"], {"ranks": [1, 2, 3, 4]})
     seen = {first["id"]}
     while (item := env.next("alice")) is not None:
         assert item["id"] not in seen
         seen.add(item["id"])
-        assert env.submit("alice", item["id"], {"ranks": [4, 3, 2, 1]}, sid=f"loop-{item['id']}-x").status_code == 200
+        assert (
+            env.submit("alice", item["id"], {"ranks": [4, 3, 2, 1]}, sid=f"loop-{item['id']}-x").status_code
+            == 200
+        )
     assert len(seen) == 3
 
 

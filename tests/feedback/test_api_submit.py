@@ -72,7 +72,9 @@ def test_strict_validation(env):
         r = env.submit("alice", item["id"], body, sid="strict-check-1")
         assert r.status_code == 422, (body, r.text)
         assert message in r.json()["error"], (body, r.json())
-    ok = env.submit("alice", item["id"], {"ranks": [1, 1, 2, 2], "ties": [[0, 1], [2, 3]], "ratings": [3, 3, 1, 2]})
+    ok = env.submit(
+        "alice", item["id"], {"ranks": [1, 1, 2, 2], "ties": [[0, 1], [2, 3]], "ratings": [3, 3, 1, 2]}
+    )
     assert ok.status_code == 200, ok.text
     assert ok.json()["annotation"]["feedback"]["ties"] == [[0, 1], [2, 3]]
 
@@ -81,7 +83,9 @@ def test_schema_errors_are_clear_json(env):
     env.batch(n=1)
     item = env.next("alice")
     bad_id = env.client.post(
-        f"/api/items/{item['id']}/submit", json={"submission_id": "x", "ranks": [1, 2, 3, 4]}, headers=env.headers("alice")
+        f"/api/items/{item['id']}/submit",
+        json={"submission_id": "x", "ranks": [1, 2, 3, 4]},
+        headers=env.headers("alice"),
     )
     assert bad_id.status_code == 422 and "submission_id" in bad_id.json()["error"]
     extra = env.submit("alice", item["id"], {"ranks": [1, 2, 3, 4], "sneaky": 1})
