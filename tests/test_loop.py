@@ -1,0 +1,248 @@
+"""The RLHF loop end to end at CI size (configs/loop_ci.yaml), its resume, and the pieces it is made of.
+
+The CI loop runs once per session (module fixture): pretrain -> SFT -> 2 rounds of sample -> label -> reward -> PPO
+-> eval -> report. The resume test copies that run, rewinds it to a kill inside round 2's PPO, and checks that
+`resume=true` (through a `stop_after` stop and a second resume) ends at the same final metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from rlhf.config import load_config
+from rlhf.data.story_demos import INSTRUCTION, build_story_data, story_examples
+from rlhf.errors import UserError
+from rlhf.loop import LoopConfig, stage_config
+from rlhf.loop import run as run_loop
+
+ROOT = Path(__file__).resolve().parents[1]
+CI_CONFIG = ROOT / "configs" / "loop_ci.yaml"
+CORPUS = ROOT / "data" / "corpus" / "children_stories_5books.txt"
+# Measured on the CI config (see the report of issue 7): SFT gold -0.0x, final policy +0.xx. The margin leaves room
+# for run-to-run noise across machines while failing when PPO learns nothing.
+GOLD_MARGIN = 0.15
+
+
+def _final_eval(run: Path) -> dict:
+    return json.loads((run / "round-2" / "eval" / "metrics.json").read_text())
+
+
+def _load_ci(runs: Path, *overrides: str) -> LoopConfig:
+    import os
+
+    old = os.getcwd()
+    os.chdir(ROOT)  # the config's data paths are relative to the repository
+    try:
+        return load_config(LoopConfig, str(CI_CONFIG), [f"runs_dir={runs}", *overrides])
+    finally:
+        os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def ci_run(tmp_path_factory):
+    import os
+
+    runs = tmp_path_factory.mktemp("runs")
+    old = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        result = run_loop(_load_ci(runs))
+    finally:
+        os.chdir(old)
+    return runs / "loop-ci", result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole loop
+
+
+@pytest.mark.slow
+def test_ci_loop_learns_the_gold_preference_and_reports(ci_run):
+    run, result = ci_run
+    state = json.loads((run / "state.json").read_text())
+    assert list(state["stages"]) == _load_ci(run.parent).stage_names()
+    for r in (1, 2):
+        for stage in ("sample", "label", "reward", "ppo", "eval"):
+            assert (run / f"round-{r}" / stage).is_dir()
+    # round 2's reward model trained on both rounds' comparisons
+    reward_cfg = (run / "round-2" / "reward" / "config.yaml").read_text()
+    assert "round-1/label/comparisons.jsonl" in reward_cfg and "round-2/label/comparisons.jsonl" in reward_cfg
+
+    ev = _final_eval(run)
+    sft = ev["policies"][ev["reference"]]
+    final = ev["policies"]["round-2/ppo"]
+    assert final["role"] == "policy"
+    assert final["gold/score"] > sft["gold/score"] + GOLD_MARGIN, (sft["gold/score"], final["gold/score"])
+    assert final["win_rate/gold"] > 0.5
+    # KL: finite, positive (the policy moved) and below the bound: KL is at most the largest per-sequence log-ratio,
+    # and a policy this close to SFT stays well under the max_new_tokens * log(vocab) ceiling.
+    vocab = 512 + 3
+    max_new = 24
+    assert math.isfinite(final["kl/mean"]) and 0 < final["kl/mean"] < max_new * math.log(vocab)
+    assert all(math.isfinite(v["kl/mean"]) for v in ev["policies"].values())
+    # best-of-n at the analytic KL
+    assert [b["n"] for b in ev["best_of_n"]] == [1, 2, 4, 8]
+    assert ev["best_of_n"][2]["kl"] == pytest.approx(math.log(4) - 0.75)
+    # snapshots give the over-optimisation curve
+    assert any(v["role"] == "snapshot" for v in ev["policies"].values())
+
+    # the report: exists, embeds every plot, and the loop's summary has 5 lines
+    html = (run / "report.html").read_text(encoding="utf-8")
+    ids = re.findall(
+        r'<img id="fig-([\w-]+)" alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', html
+    )
+    expected = {"rounds", "overoptimisation", "diversity", "curves-pretrain", "curves-sft"}
+    expected |= {f"curves-round-{r}-{s}" for r in (1, 2) for s in ("reward", "ppo")}
+    assert expected <= set(ids), expected - set(ids)
+    assert html.count("<img ") == len(ids)
+    assert result["report"] == str(run / "report.html")
+    assert len(result["summary"]) == 5 and result["summary"][0].startswith("gold score")
+
+
+@pytest.mark.slow
+def test_resume_after_a_kill_ends_at_the_same_metrics(ci_run, tmp_path):
+    run, _ = ci_run
+    copy = tmp_path / "loop-ci"
+    shutil.copytree(run, copy)
+    # Rewind the copy to a kill inside round 2's PPO: state has everything up to round-2/reward, PPO's newest
+    # checkpoint and final model are gone (the older checkpoint stays), eval and report never happened.
+    state = json.loads((copy / "state.json").read_text())
+    names = list(state["stages"])
+    state["stages"] = {
+        k: v for k, v in state["stages"].items() if names.index(k) <= names.index("round-2/reward")
+    }
+    (copy / "state.json").write_text(json.dumps(state))
+    ppo = copy / "round-2" / "ppo"
+    checkpoints = sorted((ppo / "checkpoints").glob("step-*"))
+    assert len(checkpoints) >= 2, "the CI config must keep two PPO checkpoints for this test"
+    shutil.rmtree(checkpoints[-1])
+    shutil.rmtree(ppo / "model")
+    shutil.rmtree(copy / "round-2" / "eval")
+    (copy / "report.html").unlink()
+
+    stopped = run_loop(_load_ci(tmp_path, "resume=true", "stop_after=round-2/ppo"))
+    assert stopped["stopped_after"] == "round-2/ppo"
+    assert not (copy / "round-2" / "eval").exists()
+    ppo_log = (ppo / "log.txt").read_text()
+    assert "resum" in ppo_log.lower()  # the interrupted stage continued from its checkpoint
+    result = run_loop(_load_ci(tmp_path, "resume=true"))
+    assert (copy / "report.html").exists() and result["summary"]
+
+    original, resumed = _final_eval(run), _final_eval(copy)
+    for label in ("sft", "round-2/ppo"):
+        for key in ("gold/score", "proxy/score", "kl/mean", "win_rate/gold", "diversity/distinct_2"):
+            assert resumed["policies"][label][key] == pytest.approx(
+                original["policies"][label][key], abs=1e-4
+            )
+    assert [b["gold/score"] for b in resumed["best_of_n"]] == pytest.approx(
+        [b["gold/score"] for b in original["best_of_n"]]
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_story_data_is_deterministic_and_disjoint():
+    a = build_story_data(CORPUS, n_demos=50, n_prompts=40, n_eval=10, seed=3)
+    b = build_story_data(CORPUS, n_demos=50, n_prompts=40, n_eval=10, seed=3)
+    assert a == b
+    demo_prompts = {d.prompt for d in a.demos}
+    assert len(demo_prompts) == 50 and len(set(a.prompts)) == 40 and len(set(a.eval_prompts)) == 10
+    assert not demo_prompts & set(a.prompts) and not set(a.prompts) & set(a.eval_prompts)
+    assert not demo_prompts & set(a.eval_prompts)
+    assert all(p.startswith(INSTRUCTION + " ") for p in a.prompts)
+    assert build_story_data(CORPUS, 50, 40, 10, seed=4).prompts != a.prompts
+    with pytest.raises(UserError, match="story examples"):
+        build_story_data(CORPUS, 10**6, 1, 1)
+
+
+def test_story_examples_cut_opening_and_continuation():
+    text = (
+        "THE TITLE\n\n"
+        "Once there was a little Tulip. She lived in a dark house under the ground. One day she heard a tap.\n\n"
+        "     A verse line that is indented,\n     and so is skipped.\n\n"
+        "Short.\n"
+    )
+    pairs = story_examples(text, min_response_words=3)
+    assert pairs == [
+        (
+            "Once there was a little Tulip. She lived in a dark house under the ground.",
+            "One day she heard a tap.",
+        )
+    ]
+
+
+def test_loop_config_checks_and_stage_wiring(tmp_path):
+    config = _load_ci(tmp_path)
+    names = config.stage_names()
+    assert names[:3] == ["data", "pretrain", "sft"] and names[-1] == "round-2/eval" and len(names) == 13
+    with pytest.raises(UserError, match="stop_after"):
+        _load_ci(tmp_path, "stop_after=round-9/ppo")
+    with pytest.raises(UserError, match="import_comparisons"):
+        _load_ci(tmp_path, "labeller=import")
+    from rlhf.evaluate import EvalConfig
+
+    cfg = stage_config(
+        EvalConfig, config, {"num_prompts": 5, "reference": "user/ref"},
+        {"reference": "loop/ref", "prompts": "p.jsonl", "not_a_field": 1}, "round-2/eval", resume=True,
+    )  # fmt: skip
+    # the user's section wins over wiring; run folder and resume are the loop's
+    assert (cfg.num_prompts, cfg.reference, cfg.prompts) == (5, "user/ref", "p.jsonl")
+    assert (cfg.runs_dir, cfg.name, cfg.resume) == (str(tmp_path / "loop-ci"), "round-2", True)
+    with pytest.raises(UserError, match="round-2/eval"):
+        stage_config(
+            EvalConfig, config, {"nope": 1}, {"reference": "r", "prompts": "p"}, "round-2/eval", False
+        )
+
+
+def test_human_labelling_waits_for_the_app_and_exports(tmp_path):
+    """labeller=human: the batch goes into the feedback app, the loop waits while people rank, then exports."""
+    import threading
+    import time
+
+    from sqlalchemy import select
+
+    from rlhf.data.records import Response, SampleRecord, read_comparisons
+    from rlhf.feedback import schemas, service
+    from rlhf.feedback.store import Batch, open_database
+    from rlhf.loop import label_with_app
+
+    db_path = tmp_path / "feedback.db"
+    config = _load_ci(tmp_path, "labeller=human", f"feedback_db={db_path}", "poll_seconds=0.1")
+    texts = ["a happy day with a friend", "a sad dark night", "the end"]
+    samples = [SampleRecord(f"p{i}", f"Continue the story: {i}", [Response(t, policy="sft") for t in texts])
+               for i in range(3)]  # fmt: skip
+    engine, session = open_database(str(db_path))  # the app's database exists (people are labelling in it)
+    result: dict = {}
+    worker = threading.Thread(
+        target=lambda: result.update(label_with_app(config, samples, "ci-round-1", tmp_path / "label"))
+    )
+    worker.start()
+    for _ in range(600):  # the loop imports the batch
+        time.sleep(0.1)
+        with session() as db:
+            if db.scalar(select(Batch.id).where(Batch.name == "ci-round-1")) is not None:
+                break
+    with session() as db:
+        _, token = service.create_annotator(db, "alice")
+        actor = service.authenticate(db, token)
+        for n in range(3):
+            assert worker.is_alive()  # still waiting for labels
+            item, _ = service.next_item(db, actor, "ci-round-1")
+            service.submit(
+                db, actor, item.id, schemas.SubmitIn(ranks=[1, 3, 2], submission_id=f"submit-{n:04d}")
+            )
+    worker.join(timeout=60)
+    engine.dispose()
+    assert not worker.is_alive()
+    assert result["count"] == 3 and result["labeller"] == "human"
+    comparisons = read_comparisons(result["comparisons"])
+    assert [c.ranks for c in comparisons] == [[1, 3, 2]] * 3
+    assert all(c.responses == texts and c.labeller.endswith("alice") for c in comparisons)
