@@ -70,9 +70,12 @@ class Env:
         assert r.status_code == 200, r.text
         return r.json()["item"]
 
-    def submit(self, who: str, item_id: int, body: dict, sid: str | None = None):
+    def submit(self, who: str, item_id: int, body: dict, sid: str | None = None, batch: str | None = None):
         body = {"submission_id": sid or f"sub-{who}-{item_id}-0001", **body}
-        return self.client.post(f"/api/items/{item_id}/submit", json=body, headers=self.headers(who))
+        params = {"batch": batch} if batch else None  # which batch the answer's next item comes from
+        return self.client.post(
+            f"/api/items/{item_id}/submit", json=body, params=params, headers=self.headers(who)
+        )
 
 
 @pytest.fixture

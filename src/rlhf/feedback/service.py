@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
@@ -86,12 +87,21 @@ def batch_info(db: Session, batch_id: int) -> BatchInfo:
     return cache[batch_id]
 
 
+def _validated(model: type[BaseModel], **values) -> BaseModel:
+    """A schema built from CLI arguments, with the HTTP endpoint's rules and a one-line error."""
+    try:
+        return model(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise Invalid(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}") from None
+
+
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
 def create_annotator(db: Session, name: str, admin: bool = False) -> tuple[Annotator, str]:
-    schemas.AnnotatorCreate(name=name, admin=admin)  # the same name rules as the HTTP endpoint
+    _validated(schemas.AnnotatorCreate, name=name, admin=admin)  # the same rules as the HTTP endpoint
     if db.scalar(select(Annotator.id).where(Annotator.name == name)) is not None:
         raise Conflict(f"annotator '{name}' already exists")
     token = secrets.token_urlsafe(24)
