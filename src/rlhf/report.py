@@ -198,11 +198,11 @@ def plot_overoptimisation(evals: list[tuple[str, dict]]) -> Figure | None:
             color = f"C{i}"
             ref = ev["policies"][ev["reference"]]
             pts = [(0.0, ref[metric])]
-            pts += sorted(
-                (v["kl/sqrt"], v[metric])
-                for v in ev["policies"].values()
-                if v.get("role") in ("policy", "snapshot")
-            )
+            trained = [v for v in ev["policies"].values() if v.get("role") in ("policy", "snapshot")]
+            trained.sort(
+                key=lambda v: (v["role"] == "policy", v.get("step") or 0)
+            )  # snapshots by step, then final
+            pts += [(v["kl/sqrt"], v[metric]) for v in trained]
             ax.plot(*zip(*pts), "o-", color=color, label=f"PPO ({rnd}, RM of {rnd})", ms=4)
             bon = ev.get("best_of_n") or []
             if bon:
