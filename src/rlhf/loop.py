@@ -120,8 +120,14 @@ class State:
     def summary(self, stage: str) -> dict:
         return self.data["stages"][stage]["summary"]
 
-    def complete(self, stage: str, summary: dict, seconds: float) -> None:
-        self.data["stages"][stage] = {"seconds": round(seconds, 2), "summary": _jsonable(summary)}
+    def complete(self, stage: str, summary: dict, seconds: float, cpu_seconds: float) -> None:
+        self.data["stages"][stage] = {
+            "seconds": round(seconds, 2),
+            "cpu_seconds": round(
+                cpu_seconds, 2
+            ),  # all threads: wall time on an idle machine is about cpu / threads
+            "summary": _jsonable(summary),
+        }
         self.save()
 
     def save(self) -> None:
@@ -226,10 +232,10 @@ class Loop:
             return self.state.summary(name)
         resume, self.resuming = self.resuming, False  # only the first unfinished stage continues a checkpoint
         log.info("loop: === %s%s ===", name, " (resuming)" if resume else "")
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         summary = fn(resume) or {}
         seconds = time.perf_counter() - started
-        self.state.complete(name, summary, seconds)
+        self.state.complete(name, summary, seconds, time.process_time() - cpu_started)
         setup_logging(self.run_dir / "loop.log")
         log.info("loop: %s done in %.1fs", name, seconds)
         return summary

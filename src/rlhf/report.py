@@ -444,7 +444,10 @@ def build_report(run: str | Path) -> Path:
     ]
     state_path = run / "state.json"
     state = json.loads(state_path.read_text(encoding="utf-8")) if state_path.exists() else {}
-    timing = [[k, v.get("seconds", float("nan"))] for k, v in state.get("stages", {}).items()]
+    timing = [
+        [k, v.get("seconds", float("nan")), v.get("cpu_seconds", float("nan"))]
+        for k, v in state.get("stages", {}).items()
+    ]
     out = [
         "<!doctype html><html><head><meta charset='utf-8'>",
         f"<title>rlhf report: {_e(run.name)}</title><style>{CSS}</style></head><body>",
@@ -471,7 +474,10 @@ def build_report(run: str | Path) -> Path:
     out += ["<h2>Training curves</h2>"] + [_img(f) for f in curves]
     out += ["<h2>Per-stage metrics</h2>", _stage_table(stages)]
     if timing:
-        out += ["<h2>Stage timings</h2>", _table(["stage", "seconds"], timing)]
+        out += [
+            "<h2>Stage timings</h2>",
+            _table(["stage", "wall seconds", "CPU seconds (all threads)"], timing),
+        ]
     out.append("</body></html>")
     path = run / "report.html"
     tmp = path.with_name(".report.html.tmp")
