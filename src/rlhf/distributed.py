@@ -84,7 +84,8 @@ def build_accelerator(config: Any) -> Any:
     if device.startswith("cuda:") and not launched_by_accelerate():
         torch.cuda.set_device(int(device.split(":", 1)[1]))
     AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(cpu=on_cpu, mixed_precision="bf16" if getattr(config, "bf16", False) else "no")
+    # bf16=true wins; otherwise the launcher's setting (accelerate config `mixed_precision`), default none
+    return Accelerator(cpu=on_cpu, mixed_precision="bf16" if getattr(config, "bf16", False) else None)
 
 
 def start_run_on_main(accelerator: Any, config: Any, stage: str) -> Path:
@@ -147,6 +148,27 @@ def sum_across(accelerator: Any, tensor: torch.Tensor) -> torch.Tensor:
 def unwrap(accelerator: Any, model: Any) -> Any:
     """The plain model (no DDP/FSDP/autocast wrapper) for saving or evaluation."""
     return accelerator.unwrap_model(model)
+
+
+class _GatheredModel:
+    """A model whose `save_pretrained` writes a full state dict gathered from sharded ranks."""
+
+    def __init__(self, model: Any, state_dict: dict):
+        self.model, self.state_dict = model, state_dict
+
+    def save_pretrained(self, folder: Any, **kwargs: Any) -> None:
+        self.model.save_pretrained(folder, state_dict=self.state_dict, **kwargs)
+
+
+def savable(accelerator: Any, model: Any) -> Any:
+    """What to hand to `save_checkpoint`/`save_hf`. Under FSDP or DeepSpeed the shards are gathered into a full
+    state dict first: a collective, so EVERY rank must call this; only the main process then saves."""
+    from accelerate.utils import DistributedType
+
+    plain = unwrap(accelerator, model)
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return _GatheredModel(plain, accelerator.get_state_dict(model))
+    return plain
 
 
 @contextlib.contextmanager

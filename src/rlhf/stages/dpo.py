@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -42,12 +42,10 @@ REF_CACHE = "reference_logprobs.pt"
 class DPOConfig(StageConfig):
     """Direct Preference Optimization of a policy on ranked comparisons."""
 
-    POSITIONAL = ("comparisons",)
+    POSITIONAL: ClassVar[tuple[str, ...]] = ("comparisons",)
 
-    comparisons: str = option("", "comparisons JSONL (from `rlhf label ...` or an importer)")
-    val_comparisons: str = option(
-        "", "held-out comparisons JSONL; empty = hold out `val_fraction` of prompts"
-    )
+    comparisons: list[str] = option([], "comparison file(s): ours, TRL {prompt,chosen,rejected} or HH-RLHF")
+    val_file: str = option("", "held-out comparison file; empty = hold out `val_fraction` of the prompts")
     val_fraction: float = option(
         0.1, "share of prompts held out when no val file is given", low=0.0, high=0.9
     )
@@ -90,7 +88,7 @@ class DPOConfig(StageConfig):
     def validate(self) -> None:
         super().validate()
         if not self.comparisons:
-            raise UserError("config field 'comparisons': give the comparisons JSONL to learn from")
+            raise UserError("config field 'comparisons': give the comparison file(s) to learn from")
         if not self.model.path:
             raise UserError(
                 "config field 'model.path': DPO starts from a trained policy (e.g. runs/<name>/sft/model)"
@@ -338,13 +336,14 @@ def _global_order(n: int, seed: int, start: int, count: int) -> list[int]:
 
 def run(config: DPOConfig) -> dict:
     from rlhf.checkpoint import latest_checkpoint, load_state, save_checkpoint
-    from rlhf.data.records import read_comparisons
+    from rlhf.data.comparisons import read_any_comparisons
     from rlhf.distributed import (
         build_accelerator,
         enable_gradient_checkpointing,
         maybe_no_sync,
         mean_across,
         rank_slice,
+        savable,
         start_run_on_main,
         unwrap,
     )
@@ -362,15 +361,15 @@ def run(config: DPOConfig) -> dict:
         raise UserError(
             f"config field 'max_length': {config.max_length} exceeds the model's context {context_length(model)}"
         )
-    records = read_comparisons(config.comparisons)
-    if config.val_comparisons:
-        train_records, val_records = records, read_comparisons(config.val_comparisons)
+    records = [r for path in config.comparisons for r in read_any_comparisons(path)[0]]
+    if config.val_file:
+        train_records, val_records = records, read_any_comparisons(config.val_file)[0]
     else:
         train_records, val_records = split_records(records, config.val_fraction, config.seed)
     train = build_pairs(train_records, tokenizer, config.max_length, config.max_prompt_length)
     val = build_pairs(val_records, tokenizer, config.max_length, config.max_prompt_length)
     if not train:
-        raise UserError(f"{config.comparisons}: no training pairs (every ranking is a full tie?)")
+        raise UserError(f"{', '.join(config.comparisons)}: no training pairs (every ranking is a full tie?)")
     log.info("%d training pairs, %d held-out pairs", len(train), len(val))
     pad_id = tokenizer.pad_token_id
 
@@ -414,9 +413,10 @@ def run(config: DPOConfig) -> dict:
     val_metrics: dict[str, float] = {}
 
     def save(step: int) -> None:
+        part = savable(accelerator, model)  # every rank: gathers shards under FSDP/DeepSpeed
         if accelerator.is_main_process:
             save_checkpoint(
-                out, step, {"": (unwrap(accelerator, model), tokenizer)},
+                out, step, {"": (part, tokenizer)},
                 {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
             )  # fmt: skip
         accelerator.wait_for_everyone()
