@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -112,3 +113,57 @@ def test_stderr_by_hand():
     # values 1, 2, 3: sample variance 1 -> stderr sqrt(1/3)
     assert stderr([1.0, 2.0, 3.0]) == pytest.approx(math.sqrt(1 / 3))
     assert stderr([4.0]) == 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rlhf eval's helpers on hand-made numbers
+
+
+def _scored(proxy, gold):
+    from rlhf.evaluate import Scored
+
+    n = len(proxy)
+    return Scored([f"t{i}" for i in range(n)], [[i] for i in range(n)], [True] * n, [[-1.0]] * n, [0.0] * n,
+                  list(gold), list(proxy))  # fmt: skip
+
+
+def test_best_of_n_picks_by_proxy_in_disjoint_groups():
+    from rlhf.evaluate import best_of_n
+
+    # one prompt, 4 samples: proxy picks sample 1 in group (0, 1), sample 3 in group (2, 3), sample 3 overall
+    pool = _scored(proxy=[0.0, 1.0, 0.5, 2.0], gold=[5.0, 1.0, 0.0, -1.0])
+    rows = {r["n"]: r for r in best_of_n(pool, n_max=4, ns=[1, 2, 4])}
+    assert rows[1]["gold/score"] == pytest.approx(5 / 4) and rows[1]["groups"] == 4  # every sample is a group
+    assert rows[2]["gold/score"] == pytest.approx((1.0 - 1.0) / 2) and rows[2][
+        "proxy/score"
+    ] == pytest.approx(1.5)
+    assert (
+        rows[4]["gold/score"] == -1.0
+    )  # the proxy's favourite is the gold's worst: over-optimisation in one line
+    assert rows[4]["kl"] == pytest.approx(math.log(4) - 0.75)
+
+
+def test_policy_labels_and_human_win_rate(tmp_path):
+    from rlhf.data.records import Comparison, write_jsonl
+    from rlhf.evaluate import export_pairs, human_win_rate, policy_label
+
+    assert policy_label("runs/demo/round-2/ppo/model") == "round-2/ppo"
+    assert policy_label("runs/demo/round-1/ppo/snapshots/iter-000020") == "round-1/ppo@20"
+    assert policy_label("runs/demo/sft/model") == "sft"
+    # pairs for the app: one K=2 record per (prompt, sample), both policies named, sides shuffled
+    pol, ref = _scored([0, 0], [0, 0]), _scored([0, 0], [0, 0])
+    ref.texts = ["r0", "r1"]
+    path = tmp_path / "pairs.jsonl"
+    assert export_pairs(path, [("e0", "P0"), ("e1", "P1")], pol, ref, "round-1/ppo", "sft", seed=0, k=1) == 2
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["policy"] for r in rows[0]["responses"]) == ["round-1/ppo", "sft"]
+    # judged by people: win, loss, tie (ties count half); a pair of other policies is ignored
+    judged = [
+        Comparison("P0", ["a", "b"], [1, 2], policies=["round-1/ppo", "sft"]),
+        Comparison("P1", ["a", "b"], [1, 2], policies=["sft", "round-1/ppo"]),
+        Comparison("P2", ["a", "b"], [1, 1], policies=["round-1/ppo", "sft"]),
+        Comparison("P3", ["a", "b"], [1, 2], policies=["round-2/ppo", "sft"]),
+    ]
+    write_jsonl(tmp_path / "judged.jsonl", judged)
+    out = human_win_rate(str(tmp_path / "judged.jsonl"), "round-1/ppo", "sft")
+    assert out == {"win_rate/human": pytest.approx(1.5 / 3), "judged_pairs": 3}

@@ -231,7 +231,9 @@ class Loop:
             log.info("loop: %s already done (state.json), skipping", name)
             return self.state.summary(name)
         resume, self.resuming = self.resuming, False  # only the first unfinished stage continues a checkpoint
-        log.info("loop: === %s%s ===", name, " (resuming)" if resume else "")
+        names = self.c.stage_names()
+        where = f"[{names.index(name) + 1}/{len(names)}]"
+        log.info("loop: %s === %s%s ===", where, name, " (resuming)" if resume else "")
         started, cpu_started = time.perf_counter(), time.process_time()
         summary = fn(resume) or {}
         seconds = time.perf_counter() - started
