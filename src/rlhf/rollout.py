@@ -132,3 +132,110 @@ def finish_rollout(
         advantages = masked_whiten(advantages, mask)
     rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = rewards, kl, advantages, returns
     return rollout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward passes over a rollout's layout: only the response columns reach the LM head or the value head.
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counting real tokens only, so left padding does not shift them (as the sampler does)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def response_hidden(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+):
+    """(B, T, d) last hidden states at the columns that predict response tokens (start - 1 .. L - 2)."""
+    out = model.base_model(
+        input_ids=input_ids[:, :-1],  # the last column predicts nothing inside the sequence
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids(attention_mask)[:, :-1],
+        use_cache=False,
+    )
+    return out.last_hidden_state[:, start - 1 :]
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: int,
+    temperature: float,
+    *,
+    with_logits: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """log pi(response token t | prefix) at `temperature` (B, T), the scaled logits (B, T, V) if asked, and the
+    hidden states (B, T, d) (a shared value head reads them). The LM head runs on response columns only."""
+    hidden = response_hidden(model, input_ids, attention_mask, start)  # (B, T, d)
+    logits = model.get_output_embeddings()(hidden).float() / temperature  # (B, T, V)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, start:, None]).squeeze(-1)  # (B, T)
+    return logp, (logits if with_logits else None), hidden
+
+
+class ValueModel(torch.nn.Module):
+    """V(state before response token t) from a sequence-classification model: its trunk + its scalar `score` head
+    applied at every response column. Initialised from the reward model, as recent PPO recipes do."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
+        hidden = response_hidden(self.model, input_ids, attention_mask, start)  # (B, T, d)
+        return self.model.score(hidden).squeeze(-1).float()  # (B, T)
+
+
+class SharedValueHead(torch.nn.Module):
+    """The shared-backbone option: a scalar head on the policy's own hidden states (one trunk, two heads)."""
+
+    def __init__(self, width: int, init_from: torch.nn.Module | None = None):
+        super().__init__()
+        self.score = torch.nn.Linear(width, 1)
+        with torch.no_grad():
+            self.score.bias.zero_()
+            if init_from is not None and init_from.weight.shape == self.score.weight.shape:
+                self.score.weight.copy_(init_from.weight)
+            else:
+                self.score.weight.normal_(0.0, width**-0.5)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T)
+        return self.score(hidden).squeeze(-1).float()
+
+
+class PtxBatches:
+    """PPO-ptx (Ouyang et al. 2022): random windows of the pre-training corpus and their LM loss at temperature 1."""
+
+    def __init__(
+        self,
+        corpus: str,
+        tokenizer,
+        batch: int,
+        seq_len: int,
+        generator: torch.Generator,
+        max_chars: int = 2_000_000,
+    ):
+        from pathlib import Path
+
+        from rlhf.errors import UserError
+
+        path = Path(corpus)
+        if not path.is_file():
+            raise UserError(f"config field 'ptx_corpus': '{corpus}' is not a file")
+        text = path.read_text(encoding="utf-8")[:max_chars]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) <= seq_len:
+            raise UserError(
+                f"config field 'ptx_corpus': '{corpus}' is shorter than ptx_seq_len={seq_len} tokens"
+            )
+        self.ids = torch.tensor(ids, dtype=torch.long)
+        self.batch, self.seq_len, self.generator = batch, seq_len, generator
+
+    def loss(self, model: torch.nn.Module, bf16: bool = False, device: str = "cpu") -> torch.Tensor:
+        starts = torch.randint(0, len(self.ids) - self.seq_len, (self.batch,), generator=self.generator)
+        window = torch.stack([self.ids[s : s + self.seq_len] for s in starts.tolist()])  # (b, S)
+        with torch.autocast(
+            "cuda" if str(device).startswith("cuda") else "cpu", torch.bfloat16, enabled=bf16
+        ):
+            logits = model(input_ids=window, use_cache=False).logits[:, :-1]  # (b, S-1, V)
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), window[:, 1:].flatten())

@@ -1,0 +1,244 @@
+"""PPO iteration speed, ours vs TRL 1.12 `trl.experimental.ppo`, on the PERF-NOTES set-up, side by side.
+
+Same models (GPT-2 4 layers d=256 policy and reference, GPT2ForSequenceClassification reward and value, random
+init, vocab 8192), same 16 prompts of about 32 tokens (the template's ids, identical on both sides), 48 new tokens at
+temperature 0.7, 1 PPO epoch, 4 minibatches of 4, lr 1e-5, fixed KL coefficient 0.05, gamma 1, lambda 0.95.
+Seconds per iteration are medians of wall-clock gaps between iterations (the first one, warm-up, excluded).
+
+    .venv/bin/python benchmarks/ppo.py [--quick] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import CORPUS, parse_args, peer_gpt2_config, peer_tokenizer, result, table
+
+BATCH, NEW_TOKENS, TEMPERATURE, PROMPT_TOKENS = 16, 48, 0.7, 32
+
+
+def build_models(tok, folder: Path) -> None:
+    """Random-init policy (causal LM) and reward model (sequence classification) saved as local HF folders."""
+    from transformers import GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    config = peer_gpt2_config(tok)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder / "policy")
+    GPT2ForSequenceClassification(config).save_pretrained(folder / "reward")
+    for sub in ("policy", "reward"):
+        tok.save_pretrained(folder / sub)
+
+
+def make_prompts(tok, n: int) -> tuple[list[str], list[list[int]]]:
+    """Corpus lines cut so the templated prompt is at most PROMPT_TOKENS ids; the longest are kept."""
+    from rlhf.data.template import encode_prompt
+
+    texts, ids = [], []
+    for line in CORPUS.read_text(encoding="utf-8").splitlines():
+        words = line.replace('"', "").split()
+        while words and len(encode_prompt(tok, " ".join(words))) > PROMPT_TOKENS:
+            words = words[:-1]
+        if len(words) >= 8:
+            texts.append(" ".join(words))
+            ids.append(encode_prompt(tok, texts[-1]))
+        if len(texts) == n:
+            break
+    return texts, ids
+
+
+def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool) -> dict:
+    import json
+
+    from rlhf.config import load_config
+    from rlhf.stages.ppo import PPOConfig, run
+    from rlhf.tracking import read_metrics
+
+    prompt_file = folder / "prompts.jsonl"
+    prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
+    name = f"ours-{'bf16' if bf16 else 'fp32'}"
+    config = load_config(
+        PPOConfig,
+        None,
+        [
+            f"model.path={folder / 'policy'}",
+            f"reward_model={folder / 'reward'}",
+            f"prompts={prompt_file}",
+            f"runs_dir={folder / 'runs'}",
+            f"name={name}",
+            f"iterations={iterations}",
+            f"batch_size={BATCH}",
+            f"max_new_tokens={NEW_TOKENS}",
+            f"temperature={TEMPERATURE}",
+            "epochs=1",
+            "minibatches=4",
+            "lr=1e-5",
+            "value_lr=1e-5",
+            "kl.mode=fixed",
+            "kl.coef=0.05",
+            "missing_eos=none",
+            f"max_prompt_tokens={PROMPT_TOKENS}",
+            f"save_every={iterations}",
+            "log_samples=0",
+            f"bf16={str(bf16).lower()}",
+        ],
+    )
+    run(config)
+    rows = read_metrics(folder / "runs" / name / "ppo")
+    gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    tokens = statistics.mean(r["perf/rollout_tok_s"] * r["time/iteration"] for r in rows)
+    split = {
+        k: statistics.median(r[f"time/{k}"] for r in rows[1:]) for k in ("generation", "scoring", "training")
+    }
+    return {"s_it": statistics.median(gaps), "tokens": tokens, "split": split, "last": rows[-1]}
+
+
+def run_trl(folder: Path, prompt_ids: list[list[int]], tok, iterations: int) -> dict:
+    import logging
+
+    import trl.experimental.ppo.ppo_trainer as trl_ppo
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
+    from transformers.utils import logging as hf_logging
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    hf_logging.set_verbosity_error()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    tok.padding_side = "left"
+    width = max(len(p) for p in prompt_ids)
+    padded = [[tok.pad_token_id] * (width - len(p)) + p for p in prompt_ids]
+    dataset = Dataset.from_dict({"input_ids": padded})
+    policy = AutoModelForCausalLM.from_pretrained(folder / "policy")
+    ref = AutoModelForCausalLM.from_pretrained(folder / "policy")
+    reward = AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1)
+    value = AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1)
+    args = PPOConfig(
+        output_dir=str(folder / "trl"),
+        per_device_train_batch_size=BATCH,
+        gradient_accumulation_steps=1,
+        num_mini_batches=4,
+        num_ppo_epochs=1,
+        total_episodes=BATCH * iterations,
+        local_rollout_forward_batch_size=BATCH,
+        response_length=NEW_TOKENS,
+        temperature=TEMPERATURE,
+        learning_rate=1e-5,
+        kl_coef=0.05,
+        stop_token="eos",
+        missing_eos_penalty=None,
+        num_sample_generations=0,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        use_cpu=True,
+    )
+    rows, stamps, gen_time = [], [], []
+    original = trl_ppo.batch_generation
+
+    def timed_generation(*a, **kw):
+        start = time.perf_counter()
+        out = original(*a, **kw)
+        gen_time.append(time.perf_counter() - start)
+        return out
+
+    class Clock(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            stamps.append(time.perf_counter())
+            rows.append(dict(logs or {}))
+
+    trl_ppo.batch_generation = timed_generation
+    try:
+        trainer = PPOTrainer(
+            args=args,
+            processing_class=tok,
+            model=policy,
+            ref_model=ref,
+            reward_model=reward,
+            value_model=value,
+            train_dataset=dataset,
+            eval_dataset=dataset,
+            callbacks=[Clock()],
+        )
+        trainer.train()
+    finally:
+        trl_ppo.batch_generation = original
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    s_it = statistics.median(gaps)
+    return {
+        "s_it": s_it,
+        "tokens": BATCH * NEW_TOKENS,
+        "generation": statistics.median(gen_time[1:]),
+        "last": rows[-1],
+    }
+
+
+def main() -> None:
+    args = parse_args(__doc__.split("\n\n")[0])
+    iterations = 4 if args.quick else 10
+    tok = peer_tokenizer()
+    prompts, prompt_ids = make_prompts(tok, BATCH)
+    print(
+        f"prompts: {len(prompts)} x {statistics.mean(map(len, prompt_ids)):.1f} tokens (max {PROMPT_TOKENS})"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        build_models(tok, folder)
+        trl = run_trl(folder, prompt_ids, tok, iterations)
+        fp32 = run_ours(folder, prompts, iterations, bf16=False)
+        bf16 = run_ours(folder, prompts, iterations, bf16=True)
+    rows = []
+    for name, r in (("ours fp32", fp32), ("ours bf16", bf16)):
+        s = r["split"]
+        rows.append(
+            [
+                name,
+                r["s_it"],
+                r["tokens"] / r["s_it"],
+                s["generation"],
+                s["scoring"],
+                s["training"],
+                r["last"]["objective/score"],
+                r["last"]["objective/kl"],
+            ]
+        )
+    t = trl["last"]
+    rows.append(
+        [
+            "TRL 1.12",
+            trl["s_it"],
+            trl["tokens"] / trl["s_it"],
+            trl["generation"],
+            "-",
+            "-",
+            t.get("objective/scores", float("nan")),
+            t.get("objective/kl", float("nan")),
+        ]
+    )
+    header = [
+        "run",
+        "s/iteration",
+        "rollout tok/s",
+        "generation s",
+        "scoring s",
+        "training s",
+        f"score@{iterations}",
+        f"kl@{iterations}",
+    ]
+    print(table(rows, header))
+    print(
+        "(TRL's scoring and training are not split out; its generation time is timed around batch_generation.)"
+    )
+    result("ppo_seconds_per_iteration", fp32["s_it"], trl["s_it"], "s", higher_is_better=False)
+    result("ppo_rollout_tok_s_bf16", bf16["tokens"] / bf16["s_it"], trl["tokens"] / trl["s_it"], "tok/s")
+    result("ppo_rollout_tok_s", fp32["tokens"] / fp32["s_it"], trl["tokens"] / trl["s_it"], "tok/s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

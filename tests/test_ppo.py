@@ -1,0 +1,249 @@
+"""PPO stage: reward layout, sampler log-probs as old log-probs, gradient accumulation, learning, resume, bad states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.config import load_config
+from rlhf.errors import UserError
+from rlhf.rollout import Rollout, finish_rollout, layout_rewards, response_logprobs, shape_scores
+from rlhf.stages.ppo import PPOConfig, collect_rollout, load_models, read_prompts, run
+from rlhf.tracking import read_metrics
+
+TARGET = range(3, 131)  # the programmatic reward: share of response tokens with an id in this range
+
+
+def target_share(prompts, gen) -> torch.Tensor:
+    ids, mask = gen.response_ids, gen.response_mask
+    hit = ((ids >= TARGET.start) & (ids < TARGET.stop) & mask).float().sum(1)
+    return hit / mask.float().sum(1).clamp(min=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: one thread is as fast on an idle machine and far faster on a busy one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    from conftest import SLICE_TEXT
+
+    lines = [
+        line.strip()[:40] for line in SLICE_TEXT.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text(
+        "".join(f'{{"prompt": "{p.replace(chr(34), "")}"}}\n' for p in lines[:48]), encoding="utf-8"
+    )
+    return path
+
+
+def tiny_config(tmp_path, checkpoint, prompts, *overrides):
+    base = [
+        f"model.path={checkpoint}",
+        f"prompts={prompts}",
+        f"runs_dir={tmp_path / 'runs'}",
+        "batch_size=32",
+        "max_new_tokens=16",
+        "temperature=1.0",
+        "lr=5e-3",
+        "value_lr=1e-3",
+        "lam=1.0",
+        "epochs=2",
+        "minibatches=2",
+        "kl.mode=fixed",
+        "missing_eos=none",
+        "log_samples=1",
+    ]
+    return load_config(PPOConfig, None, [*base, *overrides])
+
+
+def test_reward_layout_score_on_last_token_kl_everywhere_nothing_on_padding():
+    logp = torch.tensor([[-1.0, -2.0, -3.0, 0.0], [-1.0, -1.0, 0.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -3.0, 0.0], [-2.0, -0.5, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    rewards, kl = layout_rewards(torch.tensor([2.0, -1.0]), logp, ref, mask, kl_coef=0.1)
+    torch.testing.assert_close(kl, torch.tensor([[0.5, -1.0, 0.0, 0.0], [1.0, -0.5, 0.0, 0.0]]))
+    expected = torch.tensor([[-0.05, 0.1, 2.0, 0.0], [-0.1, 0.05 - 1.0, 0.0, 0.0]])
+    torch.testing.assert_close(rewards, expected)
+    # through finish_rollout with V = 0, gamma = lam = 1: each token's return is the sum of rewards after it
+    rollout = Rollout(
+        input_ids=torch.zeros(2, 6, dtype=torch.long),
+        attention_mask=torch.ones(2, 6, dtype=torch.long),
+        response_start=2,
+        response_ids=torch.zeros(2, 4, dtype=torch.long),
+        response_mask=mask,
+        logprobs=logp,
+        finished=torch.tensor([True, False]),
+        ref_logprobs=ref,
+        values=torch.zeros(2, 4),
+        scores=torch.tensor([2.0, -1.0]),
+    )
+    finish_rollout(rollout, 0.1, gamma=1.0, lam=1.0, whiten_advantages=False)
+    torch.testing.assert_close(rollout.returns[0], torch.tensor([2.05, 2.1, 2.0, 0.0]))
+    assert rollout.advantages[1, 2:].abs().sum() == 0
+
+
+def test_missing_eos_rule_scaling_and_clipping():
+    raw, finished = torch.tensor([1.0, 1.0, 3.0]), torch.tensor([True, False, True])
+    torch.testing.assert_close(
+        shape_scores(raw, finished, missing_eos="penalty", missing_eos_value=0.5),
+        torch.tensor([1.0, 0.5, 3.0]),
+    )
+    torch.testing.assert_close(
+        shape_scores(raw, finished, missing_eos="replace", missing_eos_value=-2.0, scale=2.0, clip=4.0),
+        torch.tensor([2.0, -4.0, 4.0]),
+    )
+
+
+def test_sampler_logprobs_are_the_old_policy_logprobs(tmp_path, tiny_checkpoint, prompt_file):
+    """The reused sampler log-probs equal a full forward pass at the same temperature (documented in ppo.py)."""
+    config = tiny_config(tmp_path, tiny_checkpoint, prompt_file, "temperature=0.7", "batch_size=8")
+    models = load_models(config, None, with_reward=False)
+    prompts = read_prompts(str(prompt_file))[:8]
+    from rlhf.data.template import encode_prompt
+
+    ids = [encode_prompt(models.tokenizer, p) for p in prompts]
+    rollout, _, _ = collect_rollout(
+        models, prompts, ids, config, 0.1, torch.Generator().manual_seed(0), target_share
+    )
+    with torch.no_grad():
+        full, _, _ = response_logprobs(
+            models.policy, rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.7
+        )
+    torch.testing.assert_close(full * rollout.response_mask, rollout.logprobs, atol=2e-5, rtol=0)
+    assert rollout.rewards[~rollout.response_mask].abs().sum() == 0
+
+
+def test_gradient_accumulation_equals_full_minibatch(tmp_path, tiny_checkpoint, prompt_file):
+    from rlhf.data.template import encode_prompt
+    from rlhf.stages.ppo import accumulate_gradients
+
+    config = tiny_config(tmp_path, tiny_checkpoint, prompt_file, "batch_size=8")
+    models = load_models(config, None, with_reward=False)
+    prompts = read_prompts(str(prompt_file))[:8]
+    ids = [encode_prompt(models.tokenizer, p) for p in prompts]
+    rollout, _, _ = collect_rollout(
+        models, prompts, ids, config, 0.1, torch.Generator().manual_seed(1), target_share
+    )
+    rollout.advantages = (
+        rollout.advantages + 0.3 * torch.randn_like(rollout.advantages) * rollout.response_mask
+    )
+    # move the policy off the rollout policy so the ratio, clipping and value clipping are all exercised
+    with torch.no_grad():
+        for p in models.policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    params = list(models.policy.parameters()) + list(models.value.parameters())
+    normalizer = float(rollout.response_mask.sum())
+
+    def grads(chunks):
+        for p in params:
+            p.grad = None
+        for chunk in chunks:
+            accumulate_gradients(models, rollout.select(chunk), config, normalizer)
+        return [p.grad.clone() for p in params]
+
+    full = grads([torch.arange(8)])
+    halves = grads([torch.arange(4), torch.arange(4, 8)])
+    for a, b in zip(full, halves):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert sum(g.abs().sum() for g in full) > 0
+
+
+def test_learning_raises_score_with_bounded_kl_and_large_beta_barely_moves(
+    tmp_path, tiny_checkpoint, prompt_file
+):
+    summary = run(
+        tiny_config(tmp_path, tiny_checkpoint, prompt_file, "iterations=8", "kl.coef=0.01", "name=free"),
+        score_fn=target_share,
+    )
+    rows = read_metrics(tmp_path / "runs" / "free" / "ppo")
+    first, last = rows[0]["objective/score"], sum(r["objective/score"] for r in rows[-2:]) / 2
+    assert last > first + 0.06, [r["objective/score"] for r in rows]
+    assert 0 < rows[-1]["objective/kl"] < 20
+    for key in (
+        "objective/kl_coef",
+        "policy/clipfrac",
+        "value/explained_var",
+        "val/ratio",
+        "response/eos_rate",
+    ):
+        assert key in rows[-1]
+    assert (tmp_path / "runs" / "free" / "ppo" / "model" / "config.json").exists()
+    assert summary["final"]["objective/score"] == rows[-1]["objective/score"]
+
+    run(
+        tiny_config(tmp_path, tiny_checkpoint, prompt_file, "iterations=8", "kl.coef=5", "name=tied"),
+        score_fn=target_share,
+    )
+    tied = read_metrics(tmp_path / "runs" / "tied" / "ppo")
+    assert tied[-1]["objective/kl"] < 0.25 * rows[-1]["objective/kl"]
+    assert sum(r["objective/score"] for r in tied[-2:]) / 2 < last - 0.05
+
+
+def test_resume_gives_the_same_final_metrics(tmp_path, tiny_checkpoint, prompt_file):
+    args = (
+        "batch_size=8",
+        "minibatches=2",
+        "kl.mode=adaptive",
+        "kl.target=0.5",
+        "kl.horizon=64",
+        "save_every=2",
+    )
+    whole = run(
+        tiny_config(tmp_path, tiny_checkpoint, prompt_file, *args, "iterations=4", "name=a"), target_share
+    )
+    run(tiny_config(tmp_path, tiny_checkpoint, prompt_file, *args, "iterations=2", "name=b"), target_share)
+    resumed = run(
+        tiny_config(tmp_path, tiny_checkpoint, prompt_file, *args, "iterations=4", "name=b", "resume=true"),
+        target_share,
+    )
+    for key in ("objective/score", "objective/kl", "objective/kl_coef", "value/loss", "policy/clipfrac"):
+        assert resumed["final"][key] == pytest.approx(whole["final"][key], rel=1e-5, abs=1e-7), key
+    steps = [r["step"] for r in read_metrics(tmp_path / "runs" / "b" / "ppo")]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_nan_score_stops_with_a_message_naming_it(tmp_path, tiny_checkpoint, prompt_file):
+    calls = {"n": 0}
+
+    def poisoned(prompts, gen):
+        calls["n"] += 1
+        scores = target_share(prompts, gen)
+        return scores * float("nan") if calls["n"] == 2 else scores
+
+    config = tiny_config(
+        tmp_path, tiny_checkpoint, prompt_file, "batch_size=8", "iterations=3", "save_every=1"
+    )
+    with pytest.raises(UserError, match=r"non-finite scores at iteration 2.*step-0000001"):
+        run(config, poisoned)
+
+
+def test_kl_bound_stops_early(tmp_path, tiny_checkpoint, prompt_file):
+    config = tiny_config(
+        tmp_path,
+        tiny_checkpoint,
+        prompt_file,
+        "batch_size=8",
+        "iterations=6",
+        "lr=5e-2",
+        "kl.stop_above=1e-3",
+    )
+    summary = run(config, target_share)
+    assert summary["stopped"] and "kl.stop_above" in summary["stopped"]
+    assert len(read_metrics(tmp_path / "runs" / "demo" / "ppo")) < 6
+
+
+def test_prompt_file_formats(tmp_path):
+    plain = tmp_path / "p.txt"
+    plain.write_text("one\n\n two \n", encoding="utf-8")
+    assert read_prompts(str(plain)) == ["one", "two"]
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "a"}\n{oops\n', encoding="utf-8")
+    with pytest.raises(UserError, match="p.jsonl:2"):
+        read_prompts(str(bad))
