@@ -156,3 +156,24 @@ def test_rlhf_sample_writes_k_responses_per_prompt(tiny_checkpoint, tiny_tokeniz
     with pytest.raises(UserError, match="no prompts"):
         sample.main([f"model.path={tiny_checkpoint}", f"prompts={empty}", f"runs_dir={tmp_path}", "k=2"])
     assert not (tmp_path / "bad.jsonl").exists()
+
+
+def test_response_only_head_equals_the_full_forward(tiny_model, tiny_tokenizer):
+    examples = [
+        sft.build_example(tiny_tokenizer, Demonstration("Hi there", "Yo ho ho, a story."), 64),
+        sft.build_example(tiny_tokenizer, Demonstration("Hello there friend of mine", "Good"), 64),
+    ]
+    batch = sft.collate(examples, tiny_tokenizer.pad_token_id)
+
+    class Wrapped(torch.nn.Module):  # not a GPT2LMHeadModel: takes the generic full-logits path
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_model
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    fast, n_fast = sft.response_loss_sum(tiny_model, batch)
+    full, n_full = sft.response_loss_sum(Wrapped(), batch)
+    assert n_fast == n_full
+    torch.testing.assert_close(fast, full)

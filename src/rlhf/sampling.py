@@ -6,7 +6,7 @@ per-token log-probs of the sampled tokens under the sampling temperature, and wh
 Two decode paths give the same distribution:
 - GPT-2-family weights (our presets, any `GPT2LMHeadModel`) run through a plain-torch decoder that reads the model's
   own weights: a preallocated static KV cache, one additive padding mask built once, positional rows gathered once,
-  SDPA attention, Gumbel-max sampling, and finished rows dropped from the batch. It is a few times faster than
+  SDPA attention, inverse-CDF sampling, and finished rows dropped from the batch. It is a few times faster than
   `model.generate` on CPU because a decode step there is dominated by per-op overhead, not arithmetic.
 - Any other causal LM runs a generic loop over the model's `past_key_values`.
 
@@ -173,10 +173,12 @@ def _choose(
     if greedy:
         token = scaled.argmax(-1)
     else:
-        filtered = _filter(logp, top_k, top_p)
-        # Gumbel-max: argmax(log p - log E), E ~ Exp(1), samples from softmax(log p) without a softmax pass.
-        noise = torch.empty_like(filtered).exponential_(generator=generator).log_()
-        token = (filtered - noise).argmax(-1)
+        # Inverse-CDF sampling: one uniform number per row instead of one per vocabulary entry (Gumbel-max or
+        # torch.multinomial draw B x V random numbers, the costliest part of a CPU decode step after the GEMMs).
+        cdf = _filter(logp, top_k, top_p).exp().cumsum_(-1)  # (B, V), unnormalised after filtering
+        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+        # right=True: the first token whose cumulative mass exceeds u, so a zero-probability token is never chosen
+        token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
     return token, logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
 
