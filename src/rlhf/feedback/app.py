@@ -8,7 +8,7 @@ or the `rlhf_token` cookie set by /login) and `admin_user`; annotator endpoints 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Annotated
 
@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from rlhf import __version__
@@ -47,28 +48,40 @@ templates = Jinja2Templates(directory=HERE / "templates")
 # Dependencies: the session and the acting user
 
 
-def get_db(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as db:
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """A session per request. Async only so FastAPI does not hop threads to open it: a Session connects lazily,
+    inside the (sync, thread-pooled) route that uses it."""
+    db = request.app.state.sessions()
+    try:
         yield db
+    finally:
+        db.close()
 
 
 DB = Annotated[Session, Depends(get_db)]
 
 
-def current_user(
+async def current_user(
     request: Request, db: DB, authorization: Annotated[str | None, Header()] = None
-) -> Annotator:
+) -> Actor:
+    """The caller, from a bearer token or the session cookie. Tokens and roles never change once issued, so the
+    actor is cached per token: only a token's first request reads the database."""
     token = request.cookies.get(COOKIE)
     if authorization:
         scheme, _, value = authorization.partition(" ")
         token = value.strip() if scheme.lower() == "bearer" else None
-    user = service.authenticate(db, token)
+    actors = request.app.state.actors
+    user = actors.get(token) if token else None
+    if user is None and token:
+        user = await run_in_threadpool(service.authenticate, db, token)
+        if user is not None and len(actors) < 100_000:
+            actors[token] = user
     if user is None:
         raise HTTPException(401, "not logged in: send 'Authorization: Bearer <token>' or log in at /login")
     return user
 
 
-def admin_user(user: Annotated[Actor, Depends(current_user)]) -> Actor:
+async def admin_user(user: Annotated[Actor, Depends(current_user)]) -> Actor:
     if not user.is_admin:
         raise HTTPException(403, "admins only")
     return user
