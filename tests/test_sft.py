@@ -156,6 +156,21 @@ def test_rlhf_sample_writes_k_responses_per_prompt(tiny_checkpoint, tiny_tokeniz
     with pytest.raises(UserError, match="no prompts"):
         sample.main([f"model.path={tiny_checkpoint}", f"prompts={empty}", f"runs_dir={tmp_path}", "k=2"])
     assert not (tmp_path / "bad.jsonl").exists()
+    # A prompt longer than the context: an error by default, or skipped and counted with long_prompts=skip.
+    long = tmp_path / "long.txt"
+    long.write_text("Short one.\n" + "word " * 300 + "\n", encoding="utf-8")
+    base = [
+        f"model.path={tiny_checkpoint}",
+        f"prompts={long}",
+        f"runs_dir={tmp_path}",
+        "k=2",
+        "max_new_tokens=8",
+    ]
+    with pytest.raises(UserError, match="context"):
+        sample.main([*base, f"out={tmp_path / 'long.jsonl'}"])
+    assert not (tmp_path / "long.jsonl").exists()
+    sample.main([*base, f"out={tmp_path / 'long.jsonl'}", "long_prompts=skip"])
+    assert [r.prompt for r in read_samples(tmp_path / "long.jsonl")] == ["Short one."]
 
 
 def test_response_only_head_equals_the_full_forward(tiny_model, tiny_tokenizer):

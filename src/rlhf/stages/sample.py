@@ -17,7 +17,7 @@ from rlhf.data.demonstrations import read_prompts
 from rlhf.data.records import Response, SampleRecord, write_jsonl
 from rlhf.data.template import encode_prompt
 from rlhf.errors import UserError
-from rlhf.modeling import load_policy
+from rlhf.modeling import context_length, load_policy
 from rlhf.sampling import generate
 from rlhf.stagecli import parse_stage_args
 from rlhf.tracking import MetricsLogger, log, stage_dir, start_run
@@ -42,6 +42,11 @@ class SampleConfig(StageConfig):
     top_p: float = option(1.0, "nucleus sampling mass", low=1e-6, high=1.0)
     batch_size: int = option(64, "sequences generated together", low=1)
     bf16: bool = option(False, "bfloat16 matmuls in the fast GPT-2 decoder (log-probs carry bf16 rounding)")
+    long_prompts: str = option(
+        "error",
+        "a prompt that leaves fewer than max_new_tokens of the model's context: error, or skip it (counted)",
+        choices=("error", "skip"),
+    )
     out: str = option("", "output JSONL; empty = <runs_dir>/<name>/sample/samples.jsonl")
 
 
@@ -60,6 +65,19 @@ def run(config: SampleConfig) -> dict:
     model, tokenizer = load_policy(policy, config.model.tokenizer)
     model.to(config.device)
     ids = [encode_prompt(tokenizer, p) for _, p in prompts]
+    if config.long_prompts == "skip":
+        room = context_length(model) - config.max_new_tokens
+        kept = [i for i, x in enumerate(ids) if len(x) <= room]
+        if len(kept) < len(ids):
+            log.warning(
+                "skipped %d of %d prompts longer than %d tokens (long_prompts=skip)",
+                len(ids) - len(kept),
+                len(ids),
+                room,
+            )
+        prompts, ids = [prompts[i] for i in kept], [ids[i] for i in kept]
+        if not prompts:
+            raise UserError(f"every prompt in {config.prompts} is longer than {room} tokens")
     repeated = [p for p in ids for _ in range(config.k)]  # prompt i's responses are rows i*k .. i*k+k-1
     start = time.perf_counter()
     gen = generate(
