@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import ROOT
 from rlhf.config import load_config
 from rlhf.errors import UserError
 from rlhf.rollout import Rollout, finish_rollout, layout_rewards, response_logprobs, shape_scores
@@ -247,3 +248,47 @@ def test_prompt_file_formats(tmp_path):
     bad.write_text('{"prompt": "a"}\n{oops\n', encoding="utf-8")
     with pytest.raises(UserError, match="p.jsonl:2"):
         read_prompts(str(bad))
+
+
+def test_cli_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path, tiny_checkpoint, prompt_file):
+    """`rlhf ppo` with a reward model folder, SIGKILLed after a checkpoint, resumed: same final metrics."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from rlhf.reward_model import reward_model_from_causal_lm
+
+    reward_model_from_causal_lm(tiny_checkpoint).save(tmp_path / "rm")
+    args = [
+        sys.executable, "-m", "rlhf", "ppo", "--config", "configs/tiny_ppo.yaml",
+        f"model.path={tiny_checkpoint}", f"reward_model={tmp_path / 'rm'}", f"prompts={prompt_file}",
+        f"runs_dir={tmp_path / 'runs'}", "iterations=5", "batch_size=8", "max_new_tokens=8", "save_every=1",
+        "snapshot_every=0", "bf16=false", "threads=1", "kl.stop_above=0",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": "src"}
+    whole = subprocess.run(
+        [*args, "name=whole"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    stage = tmp_path / "runs" / "killed" / "ppo"
+    proc = subprocess.Popen([*args, "name=killed"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while (
+        not (stage / "checkpoints" / "step-0000002").exists()
+        and proc.poll() is None
+        and time.time() < deadline
+    ):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(
+        [*args, "name=killed", "resume=true"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = read_metrics(tmp_path / "runs" / "whole" / "ppo"), read_metrics(stage)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    for key in ("objective/score", "objective/kl", "objective/kl_coef", "objective/gold_score", "value/loss"):
+        assert b[-1][key] == pytest.approx(a[-1][key], rel=1e-5, abs=1e-7), key
+    assert (stage / "model" / "model.safetensors").exists() and (stage / "value" / "config.json").exists()
