@@ -72,6 +72,29 @@ def test_score_read_at_last_real_token_whatever_the_padding(fresh_rm):
     assert short and not torch.allclose(at_last_column[short], alone[short], atol=1e-3)
 
 
+def test_shared_prompt_pass_equals_flat_sequences(fresh_rm):
+    """Each ranking's prompt forwarded once (KV cache) gives the flat per-sequence scores and gradients."""
+    from rlhf.data.template import encode_prompt, encode_response
+    from rlhf.stages.reward import Ranking, batch_scores
+
+    tok = fresh_rm.tokenizer
+    texts = _texts(7, seed=3)
+    batch = []
+    for prompt, (lo, hi), ranks in zip(PROMPTS, [(0, 2), (2, 5), (5, 7)], [[2, 1], [1, 3, 2], [1, 1]]):
+        p = encode_prompt(tok, prompt)
+        batch.append(
+            Ranking([p + encode_response(tok, t) for t in texts[lo:hi]], ranks, [""] * (hi - lo), len(p))
+        )
+    shared, ranks = batch_scores(fresh_rm, batch, bf16=False, share_prompt=True)
+    flat, _ = batch_scores(fresh_rm, batch, bf16=False, share_prompt=False)
+    assert ranks.tolist() == [[2, 1, 0], [1, 3, 2], [1, 1, 0]]
+    assert torch.allclose(shared, flat, atol=1e-5) and flat[0, 2] == 0 and flat[1].abs().min() > 0
+    weight = fresh_rm.model.base_model.wte.weight
+    g_shared = torch.autograd.grad(shared.sum(), weight)[0]
+    g_flat = torch.autograd.grad(flat.sum(), weight)[0]
+    assert torch.allclose(g_shared, g_flat, atol=1e-4)
+
+
 def test_checkpoint_round_trip_through_plain_transformers(fresh_rm, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

@@ -156,6 +156,49 @@ class RewardModel(torch.nn.Module):
         ).last_hidden_state  # (B, L, d)
         return head(hidden[rows, last]).squeeze(-1).float()  # (B,)
 
+    def shared_prompt_scores(
+        self, prompts: list[list[int]], responses: list[list[int]], owner: list[int]
+    ) -> torch.Tensor:
+        """(N,) raw scores of prompts[owner[n]] + responses[n], with grad, each prompt forwarded only once.
+
+        The prompts run left-padded with a KV cache; each response then attends to its own prompt's cached keys
+        (selected per response, so K responses of one ranking share one prompt pass). Equal to `raw_scores` on
+        the joined sequences up to float rounding. Every response needs at least one token.
+        """
+        device = self.device
+        pad = self.tokenizer.pad_token_id
+        width = max(map(len, prompts))
+        p_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        p_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            p_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            p_mask[i, width - len(p) :] = 1
+        p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+        trunk = self.model.base_model
+        cache = trunk(
+            input_ids=p_ids,
+            attention_mask=p_mask,
+            position_ids=position_ids_from_mask(p_mask),
+            use_cache=True,
+        ).past_key_values
+        index = torch.tensor(owner, dtype=torch.long, device=device)
+        cache.batch_select_indices(index)  # (B, ...) -> (N, ...): one copy of its prompt's keys per response
+        r_ids, r_mask = self.pad(responses)  # (N, R) right-padded
+        lengths = r_mask.sum(1)
+        if int(lengths.min()) < 1:
+            raise ValueError("shared_prompt_scores needs at least one response token per response")
+        mask = torch.cat([p_mask[index], r_mask], dim=1)  # (N, P + R)
+        positions = p_mask[index].sum(1, keepdim=True) + torch.arange(r_ids.shape[1], device=device)
+        hidden = trunk(
+            input_ids=r_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state  # (N, R, d)
+        rows = torch.arange(len(responses), device=device)
+        return self.model.score(hidden[rows, lengths - 1]).squeeze(-1).float()  # (N,)
+
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.shift) * self.gain
 

@@ -68,6 +68,9 @@ class RewardConfig(StageConfig):
     margin: float = option(0.0, "margin m in -log sigmoid(r_w - r_l - m)")
     max_grad_norm: float = option(1.0, "gradient clipping; 0 = off", low=0.0)
     bf16: bool = option(False, "bf16 autocast for forward/backward (weights stay fp32)")
+    share_prompt: bool = option(
+        True, "forward each ranking's prompt once, shared by its K responses (KV cache)"
+    )
     eval_every: int = option(50, "evaluate every N steps; 0 = only at the end", low=0)
     ckpt_every: int = option(100, "checkpoint every N steps; 0 = never", low=0)
     eval_batch_size: int = option(32, "responses per forward when evaluating", low=1)
@@ -103,6 +106,7 @@ class Ranking:
     sequences: list[list[int]]
     ranks: list[int]
     policies: list[str]
+    prompt_len: int = 0  # tokens of the shared prompt at the start of every sequence (0 = unknown)
 
 
 def _tokenize(
@@ -129,7 +133,8 @@ def _tokenize(
                 cut += 1
                 seq = seq[:max_length]
             seqs.append(seq)
-        out.append(Ranking(seqs, list(record.ranks), list(record.policies) or [""] * len(seqs)))
+        shared = len(prompt_ids) if all(len(q) > len(prompt_ids) for q in seqs) else 0
+        out.append(Ranking(seqs, list(record.ranks), list(record.policies) or [""] * len(seqs), shared))
     if skipped:
         log.info("%s: %d ranking(s) skipped: prompt longer than max_length %d", source, skipped, max_length)
     if not out:
@@ -172,29 +177,29 @@ def split(config: RewardConfig) -> tuple[list[Comparison], list[Comparison]]:
     return [train[i] for i in sorted(order[n_val:])], val
 
 
-def collate(
-    rm: RewardModel, batch: list[Ranking]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flattened right-padded responses (N, L), mask, the (B, K) slot of each and ranks (B, K) (0 = padding)."""
+def batch_scores(
+    rm: RewardModel, batch: list[Ranking], bf16: bool, share_prompt: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, K) raw scores (0 in padded slots) and ranks of a batch of rankings; each response is forwarded once,
+    and with `share_prompt` each ranking's prompt once (its K responses attend to one cached prompt pass)."""
     k = max(len(r.ranks) for r in batch)
     ranks = torch.zeros((len(batch), k), dtype=torch.long)
-    seqs, slots = [], []
+    slots = []
     for b, ranking in enumerate(batch):
         ranks[b, : len(ranking.ranks)] = torch.tensor(ranking.ranks)
-        for i, seq in enumerate(ranking.sequences):
-            seqs.append(seq)
-            slots.append(b * k + i)
-    ids, mask = rm.pad(seqs)
-    return ids, mask, torch.tensor(slots, device=ids.device), ranks.to(ids.device)
-
-
-def batch_scores(rm: RewardModel, batch: list[Ranking], bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, K) raw scores (0 in padded slots) and ranks of a batch of rankings; one forward for all responses."""
-    ids, mask, slots, ranks = collate(rm, batch)
-    with autocast(bf16, str(ids.device)):
-        flat = rm.raw_scores(ids, mask)  # (N,)
-    scores = torch.zeros(ranks.numel(), dtype=flat.dtype, device=flat.device).index_put((slots,), flat)
-    return scores.view_as(ranks.float()), ranks
+        slots.extend(b * k + i for i in range(len(ranking.ranks)))
+    with autocast(bf16, str(rm.device)):
+        if share_prompt and all(r.prompt_len for r in batch):
+            flat = rm.shared_prompt_scores(
+                [r.sequences[0][: r.prompt_len] for r in batch],
+                [seq[r.prompt_len :] for r in batch for seq in r.sequences],
+                [b for b, r in enumerate(batch) for _ in r.sequences],
+            )
+        else:
+            flat = rm.raw_scores(*rm.pad([seq for r in batch for seq in r.sequences]))  # (N,)
+    index = torch.tensor(slots, device=flat.device)
+    scores = torch.zeros(ranks.numel(), dtype=flat.dtype, device=flat.device).index_put((index,), flat)
+    return scores.view(ranks.shape), ranks.to(flat.device)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -210,7 +215,7 @@ def evaluate(rm: RewardModel, data: list[Ranking], config: RewardConfig) -> tupl
     losses, n_rankings = 0.0, 0
     per_batch = max(1, config.eval_batch_size // max(len(r.ranks) for r in data))
     for start in range(0, len(data), per_batch):
-        scores, ranks = batch_scores(rm, data[start : start + per_batch], config.bf16)
+        scores, ranks = batch_scores(rm, data[start : start + per_batch], config.bf16, config.share_prompt)
         loss, _ = ranking_loss(scores, ranks, config.margin)
         better = ranking_pair_mask(ranks)  # (B, K, K)
         rows = int(better.flatten(1).any(-1).sum())
@@ -377,7 +382,7 @@ def run(config: RewardConfig) -> dict:
             batch = [
                 train[i] for i in order[position * config.batch_size : (position + 1) * config.batch_size]
             ]
-            scores, ranks = batch_scores(rm, batch, config.bf16)
+            scores, ranks = batch_scores(rm, batch, config.bf16, config.share_prompt)
             loss, stats = ranking_loss(scores, ranks, config.margin)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
