@@ -22,6 +22,7 @@ from sqlalchemy import select
 from rlhf.data.records import Response, SampleRecord
 from rlhf.feedback import service
 from rlhf.feedback.app import create_app
+from rlhf.feedback.schemas import FORMS
 from rlhf.feedback.store import Annotation, open_database
 
 SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "img" / "annotator.png"
@@ -62,7 +63,7 @@ def live(db_path):
             "fox-2", "Tell me another one.", [Response(f"Another story {j}.") for j in range(4)]
         )
         service.import_batch(db, "stories", [first], ["ranking", "critique"])
-        service.import_batch(db, "more-stories", [second], ["ranking", "critique"])
+        service.import_batch(db, "more-stories", [second], list(FORMS), rating_scale=5)
         _, token = service.create_annotator(db, "alice")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -81,9 +82,9 @@ def live(db_path):
     engine.dispose()
 
 
-def _feedback(sessions) -> tuple[str, dict]:
+def _feedback(sessions, n: int = 0) -> tuple[str, dict]:
     with sessions() as db:
-        ann = db.scalars(select(Annotation).order_by(Annotation.id)).first()
+        ann = db.scalars(select(Annotation).order_by(Annotation.id)).all()[n]
         return ann.status, ann.feedback
 
 
@@ -142,4 +143,25 @@ def test_rank_by_keyboard_and_drag_then_submit(live):
         assert stored["ranks"] == [3, 2, 3, 1] and stored["ties"] == [[2, 0]]
         assert stored["critique"].startswith("Response 4 is the most cheerful")
         assert page.evaluate("window.__pwned") is None and errors == []
+
+        # every other form on the next item: rate (1..5), edit a response, pick A/B, write an ideal response
+        for i, rating in enumerate([2, 5, 1, 4]):
+            page.select_option(f'#responses > li[data-index="{i}"] .rating select', str(rating))
+        page.click('#responses > li[data-index="1"] button.edit')
+        page.fill('#responses > li[data-index="1"] textarea', "Another story 1, with a happy ending.")
+        page.check('input[name="pairwise"][value="b"]')
+        page.fill("#demonstration", "The ideal story.")
+        page.check('#flags input[value="off_topic"]')
+        page.click("#submit")
+        expect(page.locator("#done")).to_be_visible()  # nothing left
+        status, stored = _feedback(sessions, 1)
+        assert status == "submitted"
+        assert (
+            stored["ratings"] == [2, 5, 1, 4]
+            and stored["ranks"] == [1, 2, 3, 4]
+            and stored["pairwise"] == "b"
+        )
+        assert stored["correction"] == {"index": 1, "text": "Another story 1, with a happy ending."}
+        assert stored["demonstration"] == "The ideal story." and stored["flags"] == ["off_topic"]
+        assert errors == []
         browser.close()

@@ -64,6 +64,12 @@ def test_export_round_trip(env, db_path, tmp_path, capsys):
     first = json.loads((out / "trl_pairs.jsonl").read_text().splitlines()[0])
     assert set(first) == {"prompt", "chosen", "rejected"}
 
+    # ... and the reward stage's own split of the exported file (the feedback app itself never imports a stage)
+    from rlhf.stages.reward import RewardConfig, split
+
+    train, val = split(RewardConfig(comparisons=[str(out / "comparisons.jsonl")], val_fraction=0.0))
+    assert len(train) == 4 and val == []
+
     # what `rlhf sft` reads: the correction and the written demonstration
     demos = read_demonstrations(out / "demonstrations.jsonl")
     assert [(d.prompt, d.response) for d in demos] == [
