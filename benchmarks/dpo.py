@@ -1,0 +1,170 @@
+"""DPO side by side with TRL 1.12's `DPOTrainer`: same model, same pairs, same hyper-parameters.
+
+Set-up (PERF-NOTES): GPT-2 4 layers d=256, vocab 8192, random init (the same weights for both); pairs of a
+32-token prompt and two 48-token responses cut from the shipped children's-stories corpus, ranked by the project's
+synthetic `sentiment` rubric (rlhf.labellers.gold_score; near-ties dropped); batch 8 pairs, beta 0.1, AdamW,
+linear decay, fp32 unless stated, 2 epochs over the training pairs (TRL's default is 3). Both trained models are then scored by ONE function on held-out pairs
+(implicit-reward accuracy: beta*log(pi/ref) higher for the preferred response).
+
+Throughput is pairs trained / wall seconds of the whole training call: for `rlhf dpo` that includes loading,
+tokenizing, the one-off reference pass, checkpointing and saving; for TRL it is `trainer.train()` (its dataset
+tokenization happens earlier and is not counted). The reference pass is the same work for both in the first
+epoch; `rlhf dpo` caches it, TRL redoes it every epoch. The machine is noisy: compare ratios within one run.
+
+    .venv/bin/python benchmarks/dpo.py --quick     # about a minute
+    .venv/bin/python benchmarks/dpo.py             # more steps: accuracy has time to move
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import CORPUS, parse_args, peer_gpt2_config, peer_tokenizer, result, table
+
+PROMPT_TOKENS, RESPONSE_TOKENS, BATCH, BETA, LR, EPOCHS = 32, 48, 8, 0.1, 5e-4, 2
+
+
+def make_pairs(tokenizer, n: int, seed: int) -> list[dict]:
+    """{"prompt", "chosen", "rejected"} texts from corpus passages, ranked by the sentiment rubric."""
+    from rlhf.data.template import format_prompt
+    from rlhf.labellers import gold_score
+
+    ids = tokenizer(CORPUS.read_text(encoding="utf-8")[:1_500_000], add_special_tokens=False)["input_ids"]
+    rng = random.Random(seed)
+    head = len(tokenizer(format_prompt(""), add_special_tokens=False)["input_ids"]) + 1  # template + BOS
+
+    def passage(length: int) -> str:
+        start = rng.randrange(0, len(ids) - length)
+        return tokenizer.decode(ids[start : start + length]).strip()
+
+    pairs = []
+    while len(pairs) < n:
+        prompt = passage(PROMPT_TOKENS - head)
+        a, b = passage(RESPONSE_TOKENS - 1), passage(RESPONSE_TOKENS - 1)  # + EOS
+        sa, sb = gold_score(prompt, a), gold_score(prompt, b)
+        if abs(sa - sb) < 0.5:
+            continue
+        chosen, rejected = (a, b) if sa > sb else (b, a)
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    return pairs
+
+
+def held_out_accuracy(model, ref_model, tokenizer, pairs: list[dict]) -> float:
+    """Share of held-out pairs whose implicit reward log(pi/ref) is higher for the preferred response."""
+    from rlhf.data.template import encode_prompt, encode_response
+    from rlhf.stages.dpo import Pair, all_pair_logprobs
+
+    class Single:  # one process
+        num_processes, process_index, is_main_process = 1, 0, True
+
+        def autocast(self):
+            return torch.autocast("cpu", enabled=False)
+
+    toks = [
+        Pair(encode_prompt(tokenizer, p["prompt"]), encode_response(tokenizer, p["chosen"]),
+             encode_response(tokenizer, p["rejected"]))
+        for p in pairs
+    ]  # fmt: skip
+    pol = all_pair_logprobs(model.eval(), toks, tokenizer.pad_token_id, 32, Single())
+    ref = all_pair_logprobs(ref_model.eval(), toks, tokenizer.pad_token_id, 32, Single())
+    margin = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
+    return (margin > 0).float().mean().item()
+
+
+def run_ours(
+    base: Path, train: list[dict], steps: int, work: Path, threads: int, bf16: bool
+) -> tuple[float, Path]:
+    from rlhf.config import load_config
+    from rlhf.data.records import Comparison, write_jsonl
+    from rlhf.stages.dpo import DPOConfig, run
+
+    records = [Comparison(p["prompt"], [p["chosen"], p["rejected"]], [1, 2]) for p in train]
+    write_jsonl(work / "train.jsonl", records)
+    name = "bf16" if bf16 else "fp32"
+    overrides = {
+        "comparisons": work / "train.jsonl", "model.path": base, "runs_dir": work / "runs", "name": name,
+        "steps": steps, "batch_size": BATCH, "lr": LR, "beta": BETA, "warmup_steps": 0, "val_fraction": 0,
+        "max_length": PROMPT_TOKENS + RESPONSE_TOKENS, "max_prompt_length": PROMPT_TOKENS, "log_every": 10,
+        "save_every": 10_000, "threads": threads, "bf16": bf16, "seed": 0,
+    }  # fmt: skip
+    config = load_config(DPOConfig, None, [f"{k}={v}" for k, v in overrides.items()])
+    start = time.perf_counter()
+    run(config)
+    seconds = time.perf_counter() - start
+    return steps * BATCH / seconds, work / "runs" / name / "dpo" / "model"
+
+
+def run_trl(base: Path, tokenizer, train: list[dict], steps: int, work: Path) -> tuple[float, object]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    from rlhf.data.template import format_prompt
+
+    data = Dataset.from_list(
+        [{"prompt": format_prompt(p["prompt"]), "chosen": " " + p["chosen"], "rejected": " " + p["rejected"]}
+         for p in train]
+    )  # fmt: skip
+    args = DPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
+        beta=BETA, lr_scheduler_type="linear", warmup_steps=0, max_length=PROMPT_TOKENS + RESPONSE_TOKENS,
+        logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
+        bf16=False, disable_tqdm=True,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(base)
+    trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return steps * BATCH / seconds, trainer.model
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    logging.getLogger("rlhf").setLevel(logging.WARNING)
+    steps = 20 if args.quick else 150
+    n_train, n_val = steps * BATCH // EPOCHS, 64 if args.quick else 200
+    tokenizer = peer_tokenizer()
+    pairs = make_pairs(tokenizer, n_train + n_val, seed=0)
+    train, val = pairs[:n_train], pairs[n_train:]
+    work = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
+    try:
+        from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+        torch.manual_seed(0)
+        base = work / "base"
+        GPT2LMHeadModel(peer_gpt2_config(tokenizer)).save_pretrained(base)
+        tokenizer.save_pretrained(base)
+        ref = AutoModelForCausalLM.from_pretrained(base)
+
+        trl_rate, trl_model = run_trl(base, tokenizer, train, steps, work)
+        trl_acc = held_out_accuracy(trl_model, ref, tokenizer, val)
+        ours_rate, ours_path = run_ours(base, train, steps, work, args.threads, bf16=False)
+        ours_acc = held_out_accuracy(AutoModelForCausalLM.from_pretrained(ours_path), ref, tokenizer, val)
+        bf16_rate, bf16_path = run_ours(base, train, steps, work, args.threads, bf16=True)
+        bf16_acc = held_out_accuracy(AutoModelForCausalLM.from_pretrained(bf16_path), ref, tokenizer, val)
+
+        shape = f"{PROMPT_TOKENS}+{RESPONSE_TOKENS} tokens"
+        print(f"\n{steps} steps x {BATCH} pairs ({EPOCHS} epochs of {len(train)} pairs, {shape}), "
+              f"{len(val)} held-out pairs, {args.threads} threads")  # fmt: skip
+        print(table(
+            [["TRL 1.12 DPOTrainer (fp32)", trl_rate, trl_acc], ["rlhf dpo (fp32)", ours_rate, ours_acc],
+             ["rlhf dpo (bf16=true)", bf16_rate, bf16_acc]],
+            ["trainer", "pairs/s", "held-out accuracy"],
+        ))  # fmt: skip
+        result("dpo_pairs_per_s_fp32", ours_rate, trl_rate, "pairs/s")
+        result("dpo_pairs_per_s_bf16", bf16_rate, trl_rate, "pairs/s")
+        result("dpo_heldout_accuracy_fp32", ours_acc, trl_acc, "accuracy")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
