@@ -12,9 +12,9 @@ import torch
 
 from conftest import SLICE_TEXT
 from rlhf.config import load_config
-from rlhf.data.records import Comparison, Response, SampleRecord, write_jsonl
+from rlhf.data.records import Comparison, Response, SampleRecord, ranks_from_scores, write_jsonl
 from rlhf.errors import UserError
-from rlhf.labellers import GoldLabeller, label_samples
+from rlhf.labellers import GoldLabeller, get_labeller, label_samples
 from rlhf.reward_model import NORM_FILE, RewardModel, position_ids_from_mask, reward_model_from_causal_lm
 from rlhf.stages.reward import RewardConfig, run
 from rlhf.tracking import read_metrics
@@ -121,6 +121,11 @@ def test_checkpoint_round_trip_through_plain_transformers(fresh_rm, tmp_path):
     replies = ["a kind fox", "a sad king"]
     by_ids = loaded.score(*loaded.pad([loaded.encode(p, r) for p, r in zip(PROMPTS[:2], replies)]))
     assert loaded.score_texts(PROMPTS[:2], replies) == pytest.approx(by_ids.tolist(), abs=1e-6)
+    # a frozen RM folder as the gold labeller: temperature 0 ranks by its normalised score
+    gold = get_labeller("gold", temperature=0.0, path=str(folder))
+    replies = ["a kind fox", "a sad king", "the end"]
+    expected = ranks_from_scores(loaded.score_texts([PROMPTS[0]] * 3, replies))
+    assert gold.rank(PROMPTS[0], replies) == expected and gold.name == "gold-rm:rm"
 
 
 def test_causal_lm_without_head_is_refused(tiny_checkpoint):
