@@ -85,6 +85,7 @@ def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool) -> d
             f"max_prompt_tokens={PROMPT_TOKENS}",
             f"save_every={iterations}",
             "log_samples=0",
+            "lr_schedule=linear",  # as TRL (its default linear decay over the run)
             f"bf16={str(bf16).lower()}",
         ],
     )

@@ -183,8 +183,9 @@ def test_learning_raises_score_with_bounded_kl_and_large_beta_barely_moves(
         score_fn=target_share,
     )
     tied = read_metrics(tmp_path / "runs" / "tied" / "ppo")
-    assert tied[-1]["objective/kl"] < 0.25 * rows[-1]["objective/kl"]
-    assert sum(r["objective/score"] for r in tied[-2:]) / 2 < last - 0.05
+    tied_last = sum(r["objective/score"] for r in tied[-2:]) / 2
+    assert tied[-1]["objective/kl"] < 0.5 * rows[-1]["objective/kl"]
+    assert tied_last < first + 0.04 and tied_last < last - 0.05, [r["objective/score"] for r in tied]
 
 
 def test_resume_gives_the_same_final_metrics(tmp_path, tiny_checkpoint, prompt_file):

@@ -168,9 +168,22 @@ def response_logprobs(
     """log pi(response token t | prefix) at `temperature` (B, T), the scaled logits (B, T, V) if asked, and the
     hidden states (B, T, d) (a shared value head reads them). The LM head runs on response columns only."""
     hidden = response_hidden(model, input_ids, attention_mask, start)  # (B, T, d)
-    logits = model.get_output_embeddings()(hidden).float() / temperature  # (B, T, V)
+    # (h W^T) / temperature == (h / temperature) W^T: divide the (B, T, d) states, not the (B, T, V) logits
+    logits = model.get_output_embeddings()(hidden / temperature).float()  # (B, T, V)
     logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, start:, None]).squeeze(-1)  # (B, T)
     return logp, (logits if with_logits else None), hidden
+
+
+def fast_gelu(model: torch.nn.Module) -> torch.nn.Module:
+    """Swap GPT-2's Python-level tanh GELU ("gelu_new": 8 elementwise ops) for torch's fused kernel of the same
+    formula (GELU(approximate="tanh"), as the fast sampler uses); other activations are left alone."""
+    from transformers.activations import NewGELUActivation
+
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, torch.nn.GELU(approximate="tanh"))
+    return model
 
 
 class ValueModel(torch.nn.Module):

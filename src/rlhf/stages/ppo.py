@@ -40,6 +40,7 @@ from rlhf.rollout import (
     Rollout,
     SharedValueHead,
     ValueModel,
+    fast_gelu,
     finish_rollout,
     response_logprobs,
     shape_scores,
@@ -164,12 +165,14 @@ def load_models(config: PPOConfig, checkpoint: Path | None, with_reward: bool) -
     policy_src = str(checkpoint / "policy") if checkpoint else config.model.path
     policy, _ = load_policy(policy_src, config.model.tokenizer or config.model.path)
     policy.eval()  # dropout off everywhere: eval mode stays on while training
+    for model in (ref, policy):
+        fast_gelu(model)
     reward = None
     if with_reward:
         if not config.reward_model:
             raise UserError("config field 'reward_model': give the trained reward model folder")
         reward = RewardModel.load(config.reward_model)
-        reward.model = _frozen(reward.model)
+        reward.model = fast_gelu(_frozen(reward.model))
     if config.value_head == "shared":
         width = policy.get_output_embeddings().weight.shape[1]
         head = reward.model.score if reward is not None else None
@@ -186,12 +189,17 @@ def load_models(config: PPOConfig, checkpoint: Path | None, with_reward: bool) -
                 torch.nn.init.zeros_(value_model.score.weight)
         for p in value_model.parameters():
             p.requires_grad_(True)
-        value = ValueModel(value_model.eval())
+        value = ValueModel(fast_gelu(value_model.eval()))
     return Models(policy, _frozen(ref), value, reward, tokenizer)
 
 
 def _value_params(models: Models) -> list[torch.nn.Parameter]:
     return list(models.value.parameters())
+
+
+def _adamw(params: Any, lr: float, config: PPOConfig) -> torch.optim.AdamW:
+    """AdamW with the fused kernel (CPU and CUDA): one pass over all parameters instead of a dozen ops each."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=True)
 
 
 def _schedule(config: PPOConfig, total_steps: int) -> Callable[[int], float]:
@@ -345,7 +353,7 @@ def ppo_update(
     """`epochs` passes over shuffled minibatches; one optimizer step per minibatch."""
     per_mb = rollout.batch_size // config.minibatches
     per_micro = per_mb // config.grad_accum
-    params = [p for group in optimizers for g in group.param_groups for p in g["params"]]
+    params_v = _value_params(models)
     totals: dict[str, float] = {}
     count = 0
     for _ in range(config.epochs):
@@ -361,10 +369,10 @@ def ppo_update(
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
                 count += 1
-            if config.max_grad_norm > 0:
-                torch.nn.utils.clip_grad_norm_(models.policy.parameters(), config.max_grad_norm)
-                torch.nn.utils.clip_grad_norm_(_value_params(models), config.max_grad_norm)
-            if any(p.grad is not None and not torch.isfinite(p.grad).all() for p in params):
+            # one fused norm per model both clips and checks finiteness (no per-parameter isfinite scans)
+            limit = config.max_grad_norm or math.inf
+            norms = [torch.nn.utils.clip_grad_norm_(p, limit) for p in (models.policy.parameters(), params_v)]
+            if not all(torch.isfinite(n) for n in norms):
                 raise FloatingPointError("gradient")
             for opt, sched in zip(optimizers, schedulers):
                 opt.step()
@@ -422,14 +430,18 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
 
     `score_fn(prompts, generation) -> (B,)` replaces the reward model (tests, programmatic rewards)."""
     from rlhf.data.template import encode_prompt
+    from rlhf.modeling import local_path
 
+    local_path(config.model.path or "(model.path not set)", "SFT policy (model.path)")
+    if score_fn is None:
+        local_path(config.reward_model or "(reward_model not set)", "reward model (reward_model)")
+    prompts = read_prompts(config.prompts)  # bad input fails before the run folder is touched
     out = start_run(config, STAGE)
     checkpoint = latest_checkpoint(out) if config.resume else None
     if config.resume and checkpoint is None:
         log.info("resume: no checkpoint in %s, starting fresh", out / "checkpoints")
     models = load_models(config, checkpoint, with_reward=score_fn is None)
     tok = models.tokenizer
-    prompts = read_prompts(config.prompts)
     encoded = [(p, encode_prompt(tok, p)) for p in prompts]
     kept = [(p, ids) for p, ids in encoded if len(ids) <= config.max_prompt_tokens]
     if len(kept) < len(encoded):
@@ -445,8 +457,8 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
         ptx = PtxBatches(config.ptx_corpus, tok, config.ptx_batch, config.ptx_seq_len, generator)
 
     optimizers = [
-        torch.optim.AdamW(models.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay),
-        torch.optim.AdamW(_value_params(models), lr=config.value_lr, weight_decay=config.weight_decay),
+        _adamw(models.policy.parameters(), config.lr, config),
+        _adamw(_value_params(models), config.value_lr, config),
     ]
     total_steps = config.iterations * config.epochs * config.minibatches
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(config, total_steps)) for o in optimizers]
