@@ -293,3 +293,16 @@ def test_cli_run_killed_with_sigkill_resumes_to_the_same_result(tmp_path, tiny_c
     for key in ("objective/score", "objective/kl", "objective/kl_coef", "objective/gold_score", "value/loss"):
         assert b[-1][key] == pytest.approx(a[-1][key], rel=1e-5, abs=1e-7), key
     assert (stage / "model" / "model.safetensors").exists() and (stage / "value" / "config.json").exists()
+
+
+def test_shared_value_head_with_ptx_and_recomputed_logprobs(tmp_path, tiny_checkpoint, prompt_file):
+    from conftest import SLICE_TEXT
+
+    config = tiny_config(
+        tmp_path, tiny_checkpoint, prompt_file, "batch_size=8", "iterations=2", "value_head=shared",
+        "ptx_coef=0.5", f"ptx_corpus={SLICE_TEXT}", "ptx_seq_len=16", "recompute_logprobs=true",
+    )  # fmt: skip
+    summary = run(config, target_share)
+    final = summary["final"]
+    assert final["ptx/loss"] > 0 and abs(final["val/ratio"] - 1) < 0.5
+    assert (tmp_path / "runs" / "demo" / "ppo" / "value" / "value_head.pt").exists()
