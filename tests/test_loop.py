@@ -82,8 +82,8 @@ def test_ci_loop_learns_the_gold_preference_and_reports(ci_run):
     assert final["win_rate/gold"] > 0.5
     # KL: finite, positive (the policy moved) and below the bound: KL is at most the largest per-sequence log-ratio,
     # and a policy this close to SFT stays well under the max_new_tokens * log(vocab) ceiling.
-    vocab = 512 + 3
-    max_new = 24
+    vocab = json.loads((run / "sft" / "model" / "config.json").read_text())["vocab_size"]
+    max_new = 20  # eval.max_new_tokens of the CI config
     assert math.isfinite(final["kl/mean"]) and 0 < final["kl/mean"] < max_new * math.log(vocab)
     assert all(math.isfinite(v["kl/mean"]) for v in ev["policies"].values())
     # best-of-n at the analytic KL

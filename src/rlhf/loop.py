@@ -247,7 +247,23 @@ class Loop:
         config = stage_config(getattr(mod, cls_name), self.c, section, wiring, where, resume)
         return mod.run(config)
 
+    def check_sections(self) -> None:
+        """Fail before any work when a stage section names an unknown field or a bad value."""
+        sections = [
+            ("pretrain", "rlhf.stages.pretrain", "PretrainConfig"), ("sft", "rlhf.stages.sft", "SFTConfig"),
+            ("sample", "rlhf.stages.sample", "SampleConfig"), ("reward", "rlhf.stages.reward", "RewardConfig"),
+            ("ppo", "rlhf.stages.ppo", "PPOConfig"), ("eval", "rlhf.evaluate", "EvalConfig"),
+        ]  # fmt: skip
+        for key, module, cls_name in sections:
+            if key == "pretrain" and self.c.model.path:
+                continue
+            try:
+                from_dict(getattr(importlib.import_module(module), cls_name), getattr(self.c, key))
+            except UserError as exc:
+                raise UserError(f"loop config section '{key}': {exc}") from None
+
     def run(self) -> dict:
+        self.check_sections()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(self.run_dir / "loop.log")
         self.state.data["config"] = to_dict(self.c)
