@@ -162,6 +162,7 @@ def main() -> None:
         result("dpo_pairs_per_s_fp32", ours_rate, trl_rate, "pairs/s")
         result("dpo_pairs_per_s_bf16", bf16_rate, trl_rate, "pairs/s")
         result("dpo_heldout_accuracy_fp32", ours_acc, trl_acc, "accuracy")
+        result("dpo_heldout_accuracy_bf16", bf16_acc, trl_acc, "accuracy")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -127,6 +127,35 @@ def rank_slice(items: Sequence[Any], accelerator: Any) -> list[Any]:
     return list(items[rank * share : (rank + 1) * share])
 
 
+def rank_split(items: Sequence[Any], accelerator: Any) -> list[Any]:
+    """This rank's contiguous share of a global batch that may not split evenly (sizes differ by at most one).
+    For losses normalised by a global count (tokens), which stay exact with unequal shares. Every rank must get
+    at least one item, or it would have nothing to forward while the others wait in the gradient all-reduce."""
+    n, rank = accelerator.num_processes, accelerator.process_index
+    if len(items) < n:
+        raise ValueError(f"a global batch of {len(items)} cannot feed {n} processes")
+    base, extra = divmod(len(items), n)
+    start = rank * base + min(rank, extra)
+    return list(items[start : start + base + (1 if rank < extra else 0)])
+
+
+class _NoMetrics:
+    """What non-main ranks get instead of a MetricsLogger: they write nothing."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def metrics_logger(accelerator: Any, out: Path) -> Any:
+    """A MetricsLogger on the main process; a silent stand-in elsewhere."""
+    from rlhf.tracking import MetricsLogger
+
+    return MetricsLogger(out) if accelerator.is_main_process else _NoMetrics()
+
+
 def mean_across(accelerator: Any, values: dict[str, float | torch.Tensor]) -> dict[str, float]:
     """Average scalar metrics over ranks (each rank's value weighs the same: use equal per-rank batches)."""
     if not values:
