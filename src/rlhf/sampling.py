@@ -297,6 +297,8 @@ class _FastGPT2:
         cast = (lambda w: w.detach().to(self.dtype)) if bf16 else (lambda w: w.detach())
         tr = model.transformer
         self.wte, self.wpe = cast(tr.wte.weight), cast(tr.wpe.weight)
+        # fp32: a contiguous (C, V) copy makes the per-step head GEMM about 20% faster; bf16 reads (V, C) directly
+        self.head_t = None if bf16 else model.lm_head.weight.detach().t().contiguous()
         self.head = cast(model.lm_head.weight)
         self.ln_f = (cast(tr.ln_f.weight), cast(tr.ln_f.bias))
         self.layers = []
@@ -329,10 +331,22 @@ class _FastGPT2:
         qkv = qkv.view(batch, seq, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, S, D)
         cache[:, :, :, slots].copy_(qkv[1:])
         end = slots.stop
-        att = F.scaled_dot_product_attention(
-            qkv[0], cache[0, :, :, :end], cache[1, :, :, :end], attn_mask=mask, scale=layer["scale"]
-        )
-        att = att.transpose(1, 2).reshape(-1, width)
+        if seq == 1:  # decode: two small batched GEMMs beat SDPA's kernel set-up for one query row
+            heads = batch * self.n_head
+            keys = cache[0, :, :, :end].reshape(heads, end, self.head_dim)
+            values = cache[1, :, :, :end].reshape(heads, end, self.head_dim)
+            scores = torch.baddbmm(
+                mask.expand(batch, self.n_head, 1, end).reshape(heads, 1, end),
+                qkv[0].reshape(heads, 1, self.head_dim),
+                keys.transpose(1, 2),
+                alpha=layer["scale"],
+            )
+            att = torch.bmm(scores.softmax(-1), values).view(batch, width)
+        else:
+            att = F.scaled_dot_product_attention(
+                qkv[0], cache[0, :, :, :end], cache[1, :, :, :end], attn_mask=mask, scale=layer["scale"]
+            )
+            att = att.transpose(1, 2).reshape(-1, width)
         x = x + torch.addmm(layer["proj"][0], att, layer["proj"][1]).view(batch, seq, width)
         h = F.layer_norm(x, (width,), *layer["ln_2"], self.eps).view(-1, width)
         h = self.act(torch.addmm(layer["fc"][0], h, layer["fc"][1]))
@@ -340,7 +354,7 @@ class _FastGPT2:
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         x = F.layer_norm(x, (x.shape[-1],), *self.ln_f, self.eps)
-        return F.linear(x, self.head)
+        return x @ self.head_t if self.head_t is not None else F.linear(x, self.head)
 
     def decode(self, prompts: list[list[int]], *, max_new: int, eos: int, pad: int, **choice: Any):
         """(tokens (B, t), logprobs (B, t)) with -1 where a row was no longer generating."""

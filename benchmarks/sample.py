@@ -1,0 +1,105 @@
+"""Our sampler vs `transformers` `model.generate`: new tokens per second on the same model, batch and settings.
+
+Set-up of PERF-NOTES: 16 prompts x 32 tokens, 48 new tokens, temperature 0.7, no top-k/top-p, fp32, 2 threads, a
+random-init GPT-2 (it practically never emits EOS, so every row runs the full 48 tokens on both sides; the tokens
+per second count only real response tokens either way). Presets: tiny (4L d=256, the peer model) and small (6L d=384).
+
+    .venv/bin/python benchmarks/sample.py [--quick] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from common import CORPUS, parse_args, peer_tokenizer, result, table, timed
+from rlhf.data.template import encode_prompt
+from rlhf.modeling import build_model
+from rlhf.sampling import generate
+
+BATCH, PROMPT_LEN, NEW, TEMPERATURE = 16, 32, 48, 0.7
+
+
+def prompts_of(tokenizer) -> list[list[int]]:
+    """16 real prompts from the corpus, each exactly 32 tokens through the template."""
+    words = CORPUS.read_text(encoding="utf-8")[20_000:60_000].split()
+    out = []
+    for line in (" ".join(words[i * 60 : (i + 1) * 60]) for i in range(BATCH)):
+        ids = encode_prompt(tokenizer, line)
+        out.append(ids[: PROMPT_LEN - 3] + ids[-3:])  # keep the "Assistant:" tail
+    return out
+
+
+def hf_generate(model, tokenizer, prompt_ids):
+    ids = torch.tensor(prompt_ids)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=TEMPERATURE,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=NEW,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )[:, ids.shape[1] :]
+    # real tokens: up to and including the first EOS
+    eos = (out == tokenizer.eos_token_id).int()
+    return int(((eos.cumsum(1) - eos) == 0).sum())
+
+
+def ours(model, tokenizer, prompt_ids, **kw):
+    gen = generate(model, tokenizer, prompt_ids, max_new_tokens=NEW, temperature=TEMPERATURE, **kw)
+    return int(gen.response_mask.sum())
+
+
+def bench(preset: str, tokenizer, repeats: int, quick: bool) -> list[list]:
+    torch.manual_seed(0)
+    model = build_model(preset, tokenizer).eval()
+    prompt_ids = prompts_of(tokenizer)
+    variants = [
+        ("model.generate (fp32)", lambda: hf_generate(model, tokenizer, prompt_ids)),
+        ("ours, fast path (fp32)", lambda: ours(model, tokenizer, prompt_ids)),
+        ("ours, fast path (bf16)", lambda: ours(model, tokenizer, prompt_ids, bf16=True)),
+    ]
+    if not quick:
+        variants.append(
+            ("ours, generic HF loop (fp32)", lambda: ours(model, tokenizer, prompt_ids, fast=False))
+        )
+    # Interleaved repeats: the machine is shared and noisy, so every variant sees the same conditions.
+    tokens = [fn() for _, fn in variants]
+    times: list[list[float]] = [[] for _ in variants]
+    for _ in range(repeats):
+        for i, (_, fn) in enumerate(variants):
+            times[i].append(timed(fn, 1, warmup=0)[0])
+    rows = []
+    for (name, _), n, ts in zip(variants, tokens, times):
+        seconds = statistics.median(ts)
+        rows.append([preset, name, n, seconds, n / seconds])
+        print(f"{preset:6s} {name:30s} {n} tokens  {seconds:.3f} s  {n / seconds:.0f} tok/s", flush=True)
+    return rows
+
+
+def main() -> None:
+    args = parse_args(__doc__.splitlines()[0])
+    repeats = 3 if args.quick else 7
+    tokenizer = peer_tokenizer()
+    rows = []
+    for preset in ("tiny", "small"):
+        rows += bench(preset, tokenizer, repeats, args.quick)
+    print(table(rows, ["preset", "sampler", "new tokens", "median s", "new tok/s"]))
+    for preset in ("tiny", "small"):
+        by = {r[1]: r[4] for r in rows if r[0] == preset}
+        result(
+            f"sample_{preset}_fp32", by["ours, fast path (fp32)"], by["model.generate (fp32)"], "new_tok/s"
+        )
+        result(
+            f"sample_{preset}_bf16", by["ours, fast path (bf16)"], by["model.generate (fp32)"], "new_tok/s"
+        )
+
+
+if __name__ == "__main__":
+    main()
