@@ -123,15 +123,19 @@ class Annotator(threading.Thread):
     def call(self, method: str, path: str, body: dict | None = None) -> dict:
         """One request; on a dropped connection (server killed) retry the SAME request until it answers."""
         payload = None if body is None else json.dumps(body)
+        give_up = time.time() + 120
         while True:
+            if time.time() > give_up:
+                raise RuntimeError(f"{method} {path}: no answer for 120 s")
             try:
                 if self.conn is None:
                     self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
                 self.conn.request(method, path, payload, self.headers)
                 response = self.conn.getresponse()
-                data = json.loads(response.read())
+                raw = response.read()
                 if response.status >= 500:
                     raise ConnectionError(f"{response.status}")
+                data = json.loads(raw)
                 if response.status != 200:
                     raise RuntimeError(f"{method} {path}: {response.status} {data}")
                 return data

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
@@ -61,9 +63,12 @@ async def get_db(request: Request) -> AsyncIterator[Session]:
 DB = Annotated[Session, Depends(get_db)]
 
 
-async def current_user(
-    request: Request, db: DB, authorization: Annotated[str | None, Header()] = None
-) -> Actor:
+def _authenticate(sessions: sessionmaker, token: str) -> Actor | None:
+    with sessions() as db:  # its own short session: a request waiting for a worker thread holds no connection
+        return service.authenticate(db, token)
+
+
+async def current_user(request: Request, authorization: Annotated[str | None, Header()] = None) -> Actor:
     """The caller, from a bearer token or the session cookie. Tokens and roles never change once issued, so the
     actor is cached per token: only a token's first request reads the database."""
     token = request.cookies.get(COOKIE)
@@ -73,7 +78,7 @@ async def current_user(
     actors = request.app.state.actors
     user = actors.get(token) if token else None
     if user is None and token:
-        user = await run_in_threadpool(service.authenticate, db, token)
+        user = await run_in_threadpool(_authenticate, request.app.state.sessions, token)
         if user is not None and len(actors) < 100_000:
             actors[token] = user
     if user is None:
@@ -328,6 +333,17 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
 
+WORKER_THREADS = (
+    8  # routes run in a thread pool; SQLite writes one at a time, so more threads only add switching
+)
+
+
+@asynccontextmanager
+async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    anyio.to_thread.current_default_thread_limiter().total_tokens = WORKER_THREADS
+    yield
+
+
 def create_app(db: str | None = None, sessions: sessionmaker | None = None) -> FastAPI:
     """The app on a database URL or path (migrated on open), or on an existing session factory."""
     if sessions is None:
@@ -338,6 +354,7 @@ def create_app(db: str | None = None, sessions: sessionmaker | None = None) -> F
         description="Human feedback for RLHF: rank, rate, compare, correct, demonstrate, critique.",
         docs_url=None,  # Swagger UI would load scripts from a CDN; the schema is at /openapi.json
         redoc_url=None,
+        lifespan=_lifespan,
     )
     app.state.sessions = sessions
     app.state.actors = {}

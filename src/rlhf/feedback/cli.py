@@ -16,7 +16,7 @@ import sys
 
 from rlhf.errors import UserError
 from rlhf.feedback.schemas import FORMS
-from rlhf.feedback.store import DEFAULT_DB, open_database
+from rlhf.feedback.store import DEFAULT_DB, MAX_REQUESTS, open_database
 
 
 def say(text: str) -> None:
@@ -91,7 +91,9 @@ def serve(args: argparse.Namespace) -> int:
     say(f"rlhf feedback app on http://127.0.0.1:{port}/  (database {engine.url.render_as_string()})")
     if token:
         say(f"admin token (shown once; log in at http://127.0.0.1:{port}/login): {token}")
-    config = uvicorn.Config(create_app(sessions=sessions), log_level="warning", access_log=False)
+    config = uvicorn.Config(
+        create_app(sessions=sessions), log_level="warning", access_log=False, limit_concurrency=MAX_REQUESTS
+    )
     uvicorn.Server(config).run(sockets=[sock])
     return 0
 

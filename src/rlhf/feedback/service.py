@@ -139,7 +139,7 @@ def list_annotators(db: Session) -> list[Annotator]:
 
 
 def public_annotator(a: Annotator) -> schemas.AnnotatorPublic:
-    return schemas.AnnotatorPublic(id=a.id, name=a.name, admin=a.is_admin, created_at=a.created_at)
+    return schemas.AnnotatorPublic(id=a.id, name=a.name, admin=a.is_admin, created_at=_utc(a.created_at))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -132,6 +132,7 @@ def database_url(db: str | None) -> str:
 
 
 SYNCHRONOUS = ("normal", "full")
+MAX_REQUESTS = 64  # requests the server handles at once (more get 503): bounds PostgreSQL connections
 
 
 def make_engine(db: str | None, synchronous: str = "normal") -> Engine:
@@ -141,7 +142,11 @@ def make_engine(db: str | None, synchronous: str = "normal") -> Engine:
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
         if synchronous not in SYNCHRONOUS:
             raise UserError(f"synchronous must be one of {', '.join(SYNCHRONOUS)}, got '{synchronous}'")
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        # never wait for a pooled connection: a request holds its session until its answer is serialized, and
+        # waiting here while others wait for a worker thread could deadlock; sqlite connections are cheap
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8, max_overflow=-1
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -157,7 +162,8 @@ def make_engine(db: str | None, synchronous: str = "normal") -> Engine:
         raise UserError(
             f"--db: unsupported database '{url.get_backend_name()}' (use a SQLite path or postgresql://)"
         )
-    return create_engine(url, pool_size=10, max_overflow=40, pool_pre_ping=True)
+    # `rlhf label serve` caps concurrent requests at MAX_REQUESTS, so the pool never has to make one wait
+    return create_engine(url, pool_size=8, max_overflow=MAX_REQUESTS, pool_pre_ping=True)
 
 
 def migrate(engine: Engine) -> None:
