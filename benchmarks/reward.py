@@ -242,6 +242,9 @@ def main() -> None:
             p.add_argument("--hh-only", action="store_true", help="only the HH-RLHF comparison"),
             p.add_argument("--pretrain-steps", type=int, default=400, help="LM steps (16 x 256) before HH"),
             p.add_argument(
+                "--pairs", type=int, default=0, help="pair-updates per mode (default 160 quick, 1440)"
+            ),
+            p.add_argument(
                 "--cpu-time",
                 action="store_true",
                 help="time by process CPU seconds, not wall seconds (use with --threads 1 on a shared machine)",
@@ -258,7 +261,7 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     tok = peer_tokenizer()
-    budget = 160 if args.quick else 1440  # pair-updates per mode
+    budget = args.pairs or (160 if args.quick else 1440)  # pair-updates per mode
     held_out = expand_pairs(story_rankings(tok, 256, 2, seed=99))
     init = base_state(tok, seed=0)
     quick = args.quick and not args.hh_only
