@@ -129,3 +129,13 @@ def test_submit_claims_a_free_item_directly(env):
         second = db.scalar(select(Item.id).where(Item.position == 1))
     r = env.submit("bob", second, {"ranks": [4, 3, 2, 1]})
     assert r.status_code == 200 and r.json()["annotation"]["item_id"] == second
+
+
+def test_a_text_only_batch_needs_some_text(env):
+    env.batch(n=1, forms=("demonstration", "critique"))
+    item = env.next("alice")
+    empty = env.submit("alice", item["id"], {"demonstration": "   "})
+    assert empty.status_code == 422 and "nothing to submit" in empty.json()["error"]
+    ok = env.submit("alice", item["id"], {"demonstration": "A kind story."})
+    assert ok.status_code == 200
+    assert ok.json()["annotation"]["feedback"] == {"demonstration": "A kind story.", "flags": []}

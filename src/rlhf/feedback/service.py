@@ -434,6 +434,12 @@ def check_submit(item: Item, batch: BatchInfo, body: SubmitIn) -> dict:
             raise Invalid(f"field 'ratings': {bad[0]} is outside 1..{batch.rating_scale}")
     if "pairwise" in batch.forms and "pairwise" not in fb:
         raise Invalid("field 'pairwise': choose a, b or tie")
+    if not {"ranking", "rating", "pairwise"} & set(batch.forms) and not {
+        "correction",
+        "demonstration",
+        "critique",
+    } & set(fb):
+        raise Invalid(f"nothing to submit: give at least one of {', '.join(batch.forms)} (or skip)")
     if "correction" in fb:
         index, text = fb["correction"]["index"], fb["correction"]["text"]
         if index >= k:
