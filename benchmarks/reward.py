@@ -42,7 +42,7 @@ from rlhf.labellers import GoldLabeller, gold_score
 from rlhf.losses import ranking_loss
 from rlhf.modeling import autocast
 from rlhf.reward_model import RewardModel
-from rlhf.stages.reward import Ranking, batch_scores
+from rlhf.stages.reward import Ranking, batch_scores, set_attention
 
 LR = 1e-4
 CLOCK = (
@@ -172,6 +172,7 @@ def accuracy(rm: RewardModel, pairs: list[tuple[list[int], list[int]]]) -> float
 
 def train_ours(rm: RewardModel, rankings: list[Ranking], per_step: int, epochs: int = 1) -> tuple[float, int]:
     """The `rlhf reward` step (stages.reward.batch_scores + losses.ranking_loss), bf16: (pairs/s, pairs)."""
+    set_attention(rm, "auto", "cpu")  # as `rlhf reward` does on CPU
     opt = torch.optim.AdamW(rm.model.parameters(), lr=LR, weight_decay=0.0, fused=True)  # as TRL's default
     rm.model.train()
     batches = [rankings[i : i + per_step] for i in range(0, len(rankings), per_step)] * epochs

@@ -75,7 +75,7 @@ def test_score_read_at_last_real_token_whatever_the_padding(fresh_rm):
 def test_shared_prompt_pass_equals_flat_sequences(fresh_rm):
     """Each ranking's prompt forwarded once (KV cache) gives the flat per-sequence scores and gradients."""
     from rlhf.data.template import encode_prompt, encode_response
-    from rlhf.stages.reward import Ranking, batch_scores
+    from rlhf.stages.reward import Ranking, batch_scores, set_attention
 
     tok = fresh_rm.tokenizer
     texts = _texts(7, seed=3)
@@ -87,6 +87,10 @@ def test_shared_prompt_pass_equals_flat_sequences(fresh_rm):
         )
     shared, ranks = batch_scores(fresh_rm, batch, bf16=False, share_prompt=True)
     flat, _ = batch_scores(fresh_rm, batch, bf16=False, share_prompt=False)
+    set_attention(fresh_rm, "eager", "cpu")  # what `rlhf reward` uses on CPU
+    eager, _ = batch_scores(fresh_rm, batch, bf16=False, share_prompt=True)
+    set_attention(fresh_rm, "sdpa", "cpu")
+    assert torch.allclose(eager, flat, atol=1e-5)
     assert ranks.tolist() == [[2, 1, 0], [1, 3, 2], [1, 1, 0]]
     assert torch.allclose(shared, flat, atol=1e-5) and flat[0, 2] == 0 and flat[1].abs().min() > 0
     weight = fresh_rm.model.base_model.wte.weight

@@ -71,6 +71,11 @@ class RewardConfig(StageConfig):
     share_prompt: bool = option(
         True, "forward each ranking's prompt once, shared by its K responses (KV cache)"
     )
+    attention: str = option(
+        "auto",
+        "attention kernel; auto = eager on CPU (faster than SDPA's CPU kernel at these sizes), sdpa elsewhere",
+        choices=("auto", "eager", "sdpa"),
+    )
     eval_every: int = option(50, "evaluate every N steps; 0 = only at the end", low=0)
     ckpt_every: int = option(100, "checkpoint every N steps; 0 = never", low=0)
     eval_batch_size: int = option(32, "responses per forward when evaluating", low=1)
@@ -175,6 +180,13 @@ def split(config: RewardConfig) -> tuple[list[Comparison], list[Comparison]]:
         n_val = min(max(n_val, 1), len(train) - 1)
     val = [train[i] for i in sorted(order[:n_val])]
     return [train[i] for i in sorted(order[n_val:])], val
+
+
+def set_attention(rm: RewardModel, kind: str, device: str) -> None:
+    """Pick the attention kernel: on CPU, eager attention trains these small models ~20% faster than SDPA."""
+    if kind == "auto":
+        kind = "eager" if str(device).startswith("cpu") else "sdpa"
+    rm.model.set_attn_implementation(kind)
 
 
 def batch_scores(
@@ -332,6 +344,7 @@ def run(config: RewardConfig) -> dict:
         else reward_model_from_causal_lm(config.model.path, config.model.tokenizer)
     )
     rm.to(device)
+    set_attention(rm, config.attention, config.device)
     max_length = min(config.max_length or rm.context, rm.context)
     train = _tokenize(rm, train_records, "training comparisons", max_length, config.long_prompts)
     val = (
