@@ -205,6 +205,7 @@ def run(config: SFTConfig) -> dict:
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
         betas=(0.9, 0.95),
+        fused=True,  # one kernel over all parameters (CPU and CUDA)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(config.warmup_steps, total, config.min_lr_ratio)
