@@ -333,9 +333,8 @@ class Guard:
         await send({"type": "http.response.body", "body": body})
 
 
-WORKER_THREADS = (
-    8  # routes run in a thread pool; SQLite writes one at a time, so more threads only add switching
-)
+# Routes run in a thread pool; SQLite writes one at a time, so more threads than this only add switching.
+WORKER_THREADS = 8
 
 
 @asynccontextmanager
