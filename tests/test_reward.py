@@ -99,6 +99,25 @@ def test_shared_prompt_pass_equals_flat_sequences(fresh_rm):
     assert torch.allclose(g_shared, g_flat, atol=1e-4)
 
 
+def test_shared_prompt_pass_with_long_prompt_and_long_response_in_one_batch(fresh_rm):
+    """Longest prompt + longest response of different rankings exceed the context: pad columns stay in range."""
+    from rlhf.stages.reward import Ranking, batch_scores
+
+    context = fresh_rm.context  # 128
+    gen = torch.Generator().manual_seed(1)
+    long_p, short_p = torch.randint(5, 500, (2, 100), generator=gen).tolist()
+    long_r = torch.randint(5, 500, (2, 100), generator=gen).tolist()
+    short_r = torch.randint(5, 500, (2, 10), generator=gen).tolist()
+    batch = [
+        Ranking([long_p + r for r in short_r], [1, 2], ["", ""], 100),
+        Ranking([short_p[:10] + r for r in long_r], [2, 1], ["", ""], 10),
+    ]
+    assert 100 + 100 > context and all(len(s) <= context for r in batch for s in r.sequences)
+    shared, _ = batch_scores(fresh_rm, batch, bf16=False, share_prompt=True)
+    flat, _ = batch_scores(fresh_rm, batch, bf16=False, share_prompt=False)
+    assert torch.allclose(shared, flat, atol=1e-5)
+
+
 def test_checkpoint_round_trip_through_plain_transformers(fresh_rm, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

@@ -189,6 +189,9 @@ class RewardModel(torch.nn.Module):
             raise ValueError("shared_prompt_scores needs at least one response token per response")
         mask = torch.cat([p_mask[index], r_mask], dim=1)  # (N, P + R)
         positions = p_mask[index].sum(1, keepdim=True) + torch.arange(r_ids.shape[1], device=device)
+        positions = positions.clamp(
+            max=self.context - 1
+        )  # only pad columns (never read) could pass the context
         hidden = trunk(
             input_ids=r_ids,
             attention_mask=mask,
