@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException
 
 from rlhf import __version__
 from rlhf.errors import UserError
-from rlhf.feedback import export, schemas, service
+from rlhf.feedback import export, progress, schemas, service
 from rlhf.feedback.service import Actor
 from rlhf.feedback.store import Annotator, open_database
 
@@ -184,12 +184,12 @@ def import_batch(body: schemas.BatchCreate, db: DB, _: Admin):
 @api.get("/admin/batches/{name}", response_model=schemas.BatchStatus, tags=["admin"])
 def batch_status(name: str, db: DB, _: Admin):
     """Progress per annotator and inter-annotator agreement on overlapping items."""
-    return service.batch_status(db, service.get_batch(db, name))
+    return progress.batch_status(db, service.get_batch(db, name))
 
 
 @api.get("/admin/batches/{name}/annotations", response_model=list[schemas.AnnotationPublic], tags=["admin"])
 def batch_annotations(name: str, db: DB, _: Admin, status: str | None = None):
-    rows = service.batch_annotations(db, service.get_batch(db, name), status)
+    rows = progress.batch_annotations(db, service.get_batch(db, name), status)
     return [service.public_annotation(ann, annotator) for _, ann, annotator in rows]
 
 
@@ -235,7 +235,7 @@ def admin_page(request: Request, db: DB):
         return RedirectResponse("/login", status_code=303)
     if not user.is_admin:
         raise HTTPException(403, "admins only")
-    statuses = [service.batch_status(db, b) for b in service.list_batches(db)]
+    statuses = [progress.batch_status(db, b) for b in service.list_batches(db)]
     annotators = service.list_annotators(db)
     return templates.TemplateResponse(
         request,

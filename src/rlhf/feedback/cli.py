@@ -150,12 +150,12 @@ def annotator(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from rlhf.feedback import service
+    from rlhf.feedback import progress, service
 
     with open_database(args.db)[1]() as db:
         batches = [service.get_batch(db, args.batch)] if args.batch else service.list_batches(db)
         for batch in batches:
-            s = service.batch_status(db, batch)
+            s = progress.batch_status(db, batch)
             if args.json:
                 say(s.model_dump_json())
                 continue

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from rlhf.data.comparisons import export_trl_pairs
 from rlhf.data.records import Comparison, Demonstration, ranking_pairs, ranks_from_scores, write_jsonl
-from rlhf.feedback.service import batch_annotations
+from rlhf.feedback.progress import batch_annotations
 from rlhf.feedback.store import Annotation, Batch, Item
 
 FILES = ("comparisons.jsonl", "demonstrations.jsonl", "critiques.jsonl", "trl_pairs.jsonl")
