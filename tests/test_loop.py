@@ -65,6 +65,7 @@ def ci_run(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # about 90 s on an idle 2-core machine; generous for shared ones
 def test_ci_loop_learns_the_gold_preference_and_reports(ci_run):
     run, result = ci_run
     state = json.loads((run / "state.json").read_text())
@@ -109,6 +110,7 @@ def test_ci_loop_learns_the_gold_preference_and_reports(ci_run):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_resume_after_a_kill_ends_at_the_same_metrics(ci_run, tmp_path):
     run, _ = ci_run
     copy = tmp_path / "loop-ci"
