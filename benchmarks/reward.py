@@ -3,8 +3,9 @@
 Same backbone (benchmarks.common.peer_gpt2_config: GPT-2 4 layers d=256, vocab 8192, same initial weights), same
 token ids (our template: 32-ish-token prompt + 48-token response), same number of pair-updates, same learning rate.
 
-- Synthetic rankings: K responses (story windows from the shipped corpus) per prompt, ranked by the `sentiment`
-  gold labeller (Plackett-Luce, temperature 0.5, seeded). Modes: plain pairs (K=2), K=4 and K=9. TRL sees every
+- Synthetic rankings: K responses (40-word story windows from the shipped corpus with 0-4 random words of the
+  sentiment lexicons inserted) per prompt, ranked by the `sentiment` gold labeller (Plackett-Luce, temperature 0.1,
+  seeded). Modes: plain pairs (K=2), K=4 and K=9. TRL sees every
   ranking expanded into its C(K,2) pairs (batch 8 pairs); we forward each response once per ranking (batch of
   `rankings` per step, bf16 autocast). pairs/s = pairs trained / wall seconds of the training loop after its first
   step. Held-out accuracy: both models on the same 256 held-out pairs labelled by the same labeller.
@@ -38,13 +39,14 @@ import torch
 from common import CORPUS, SHARED, parse_args, peer_gpt2_config, peer_tokenizer, result, table
 from rlhf.data.comparisons import import_hh_rlhf
 from rlhf.data.template import encode_prompt, encode_response
-from rlhf.labellers import GoldLabeller, gold_score
+from rlhf.labellers import NEGATIVE, POSITIVE, GoldLabeller, gold_score
 from rlhf.losses import ranking_loss
 from rlhf.modeling import autocast
 from rlhf.reward_model import RewardModel
 from rlhf.stages.reward import Ranking, batch_scores, set_attention
 
 LR = 1e-4
+LEXICON = sorted(POSITIVE | NEGATIVE)
 CLOCK = (
     time.perf_counter
 )  # --cpu-time: time.process_time, the process's own CPU seconds (robust on a busy host)
@@ -59,7 +61,7 @@ def story_rankings(tok, n: int, k: int, seed: int, prompt_tokens: int = 32, resp
     """n rankings of k corpus windows, ranked by the noisy sentiment labeller; token ids through our template."""
     words = CORPUS.read_text(encoding="utf-8").split()
     rng = random.Random(seed)
-    labeller = GoldLabeller(gold_score, temperature=0.5, seed=seed, name="sentiment")
+    labeller = GoldLabeller(gold_score, temperature=0.1, seed=seed, name="sentiment")
     out = []
     for _ in range(n):
         start = rng.randrange(len(words) - 40)
@@ -69,7 +71,10 @@ def story_rankings(tok, n: int, k: int, seed: int, prompt_tokens: int = 32, resp
         texts, seqs = [], []
         for _ in range(k):
             at = rng.randrange(len(words) - 60)
-            ids = encode_response(tok, " ".join(words[at : at + 45]), add_eos=False)[: response_tokens - 1]
+            window = words[at : at + 40]
+            for _ in range(rng.randint(0, 4)):  # plant a few lexicon words so the preference is learnable
+                window.insert(rng.randrange(len(window) + 1), rng.choice(LEXICON))
+            ids = encode_response(tok, " ".join(window), add_eos=False)[: response_tokens - 1]
             ids.append(tok.eos_token_id)
             texts.append(tok.decode(ids, skip_special_tokens=True))
             seqs.append(prompt_ids + ids)
