@@ -24,8 +24,9 @@ from rlhf.loop import run as run_loop
 ROOT = Path(__file__).resolve().parents[1]
 CI_CONFIG = ROOT / "configs" / "loop_ci.yaml"
 CORPUS = ROOT / "data" / "corpus" / "children_stories_5books.txt"
-# Measured on the CI config (see the report of issue 7): SFT gold -0.0x, final policy +0.xx. The margin leaves room
-# for run-to-run noise across machines while failing when PPO learns nothing.
+# Measured on this config (threads=1, 2026-11-24): gold of SFT -0.094, of the final policy -0.016 (+0.078; SFT's
+# stderr 0.037 over 64 samples). At CI size the learnable gold signal is mostly the rubric's -1 for an empty answer
+# (EOS rate 0.22 -> 0.03); the margin below is about 2/3 of the measured gain.
 GOLD_MARGIN = 0.05
 
 

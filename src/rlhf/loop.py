@@ -423,6 +423,7 @@ def label_with_app(c: LoopConfig, samples: list, batch_name: str, out_dir: Path)
     """Import the samples as a batch of the feedback app, wait (showing progress) until labelled, export."""
     from rlhf.feedback import service
     from rlhf.feedback.export import collect, write_export
+    from rlhf.feedback.progress import batch_status
     from rlhf.feedback.store import open_database
     from rlhf.tracking import progress
 
@@ -436,7 +437,7 @@ def label_with_app(c: LoopConfig, samples: list, batch_name: str, out_dir: Path)
                 batch = service.import_batch(
                     db, batch_name, samples, forms=["ranking"], overlap=c.feedback_overlap, source="rlhf loop"
                 )
-            status = service.batch_status(db, batch)
+            status = batch_status(db, batch)
         log.info(
             "feedback batch '%s': %d items to rank (%d labels). Label them in the app: "
             "`rlhf label serve --db %s` (annotator tokens: `rlhf label annotator --db %s NAME`)",
@@ -450,7 +451,7 @@ def label_with_app(c: LoopConfig, samples: list, batch_name: str, out_dir: Path)
         seen = -1
         while True:
             with session() as db:
-                status = service.batch_status(db, service.get_batch(db, batch_name))
+                status = batch_status(db, service.get_batch(db, batch_name))
             handled = status.submitted + status.skipped
             bar.update(max(0, min(handled, status.target) - bar.n))
             if handled != seen:
