@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -92,6 +93,11 @@ async def admin_user(user: Annotated[Actor, Depends(current_user)]) -> Actor:
     return user
 
 
+def _json(model: BaseModel) -> Response:
+    """A Public schema built (and so validated) by the route, serialized once: FastAPI would validate it again."""
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
 User = Annotated[Actor, Depends(current_user)]
 Admin = Annotated[Actor, Depends(admin_user)]
 
@@ -125,7 +131,7 @@ def me(db: DB, user: User):
 def next_item(db: DB, user: User, batch: Annotated[str | None, Query(max_length=64)] = None):
     """Your open draft, else a new item claimed for you (never one you saw; never beyond the batch's overlap)."""
     found = service.next_item(db, user, batch)
-    return schemas.NextOut(item=None if found is None else service.public_item(db, *found, user))
+    return _json(schemas.NextOut(item=None if found is None else service.public_item(db, *found, user)))
 
 
 @api.get("/items/{item_id}", response_model=schemas.ItemPublic, tags=["annotate"])
@@ -144,11 +150,12 @@ def submit(item_id: int, body: schemas.SubmitIn, db: DB, user: User, batch: str 
     """Submit (or skip) in one transaction. Retrying with the same submission_id returns the stored result."""
     ann, replayed = service.submit(db, user, item_id, body)
     found = service.next_item(db, user, batch)
-    return schemas.SubmitOut(
+    out = schemas.SubmitOut(
         annotation=service.public_annotation(ann, user.name),
         replayed=replayed,
         next=None if found is None else service.public_item(db, *found, user),
     )
+    return _json(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Domain functions of the feedback app. Routes and the CLI call these; they call the models in `store`.
 
 Every function that touches annotation data takes the acting `Annotator` and scopes its queries to that user's own
-rows; admin-only functions are only reachable through the admin dependency (see app.py). Errors are `FeedbackError`s
-carrying an HTTP status, so the routes stay thin and the CLI prints them as one line.
+rows; admin-only functions are only reachable through the admin dependency (see app.py). Errors (`checks.py`) are
+`FeedbackError`s carrying an HTTP status, so the routes stay thin and the CLI prints them as one line.
 """
 
 from __future__ import annotations
@@ -16,40 +16,28 @@ import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import NamedTuple
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, bindparam, func, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
-from rlhf.data.records import SampleRecord, ranking_error, read_samples
+from rlhf.data.records import SampleRecord, read_samples
 from rlhf.errors import UserError
 from rlhf.feedback import schemas
+from rlhf.feedback.checks import (  # noqa: F401 - the errors are part of this module's interface
+    Conflict,
+    FeedbackError,
+    Forbidden,
+    Invalid,
+    NotFound,
+    check_submit,
+    feedback_dict,
+)
 from rlhf.feedback.schemas import MAX_K, FeedbackIn, SubmitIn
 from rlhf.feedback.store import Annotation, Annotator, Batch, Item, utcnow
-
-
-class FeedbackError(UserError):
-    status = 400
-
-
-class NotFound(FeedbackError):
-    status = 404
-
-
-class Forbidden(FeedbackError):
-    status = 403
-
-
-class Conflict(FeedbackError):
-    status = 409
-
-
-class Invalid(FeedbackError):
-    status = 422
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Annotators and tokens
@@ -219,6 +207,20 @@ def samples_from_objects(objects: list[dict]) -> list[SampleRecord]:
             raise Invalid(str(exc).replace(str(path), "samples line")) from None
 
 
+_batch_ids: weakref.WeakKeyDictionary[Engine, dict[str, int]] = weakref.WeakKeyDictionary()
+
+
+def batch_id(db: Session, name: str) -> int:
+    """A batch's id by name (cached per database: batches are never renamed or deleted)."""
+    cache = _batch_ids.setdefault(db.get_bind(), {})
+    if name not in cache:
+        found = db.connection().scalar(select(_B.c.id).where(_B.c.name == name))
+        if found is None:
+            raise NotFound(f"no batch named '{name}'")
+        cache[name] = found
+    return cache[name]
+
+
 def get_batch(db: Session, name: str) -> Batch:
     batch = db.scalar(select(Batch).where(Batch.name == name))
     if batch is None:
@@ -280,55 +282,112 @@ def public_item(db: Session, item: Item, ann: Annotation, user: Actor) -> schema
     )
 
 
-def _own(db: Session, user: Actor, item_id: int) -> Annotation | None:
-    return db.scalar(
-        select(Annotation).where(Annotation.item_id == item_id, Annotation.annotator_id == user.id)
-    )
+# The annotator's loop (next item, submit) runs on every request, so it uses prebuilt SQLAlchemy Core statements
+# on the session's connection and plain row tuples: no ORM identity map, unit of work or attribute events.
+_I, _A, _B = Item.__table__, Annotation.__table__, Batch.__table__
 
 
-def _claim(db: Session, item_id: int, overlap: int, user: Actor) -> Annotation | None:
-    """Take a free slot of the item for `user`; None when it is full (or another claim won the race)."""
-    taken = set(
-        db.scalars(select(Annotation.slot).where(Annotation.item_id == item_id, Annotation.slot.is_not(None)))
+class ItemRow(NamedTuple):
+    id: int
+    batch_id: int
+    prompt_id: str
+    prompt: str
+    responses: list
+    pair: list
+
+
+class AnnotationRow(NamedTuple):
+    id: int
+    item_id: int
+    slot: int | None
+    status: str
+    feedback: dict
+    submission_id: str | None
+    updated_at: datetime
+    submitted_at: datetime | None
+
+
+_N_ITEM = len(ItemRow._fields)
+_ITEM_COLS = [_I.c[name] for name in ItemRow._fields]
+_ANN_COLS = [_A.c[name] for name in AnnotationRow._fields]
+_OWN = select(*_ANN_COLS).where(_A.c.item_id == bindparam("item_id"), _A.c.annotator_id == bindparam("user"))
+_ITEM_AND_OWN = (
+    select(*_ITEM_COLS, *_ANN_COLS)
+    .select_from(_I.outerjoin(_A, and_(_A.c.item_id == _I.c.id, _A.c.annotator_id == bindparam("user"))))
+    .where(_I.c.id == bindparam("item_id"))
+)
+_DRAFT = (
+    select(*_ITEM_COLS, *_ANN_COLS)
+    .join_from(_I, _A, _A.c.item_id == _I.c.id)
+    .where(
+        _A.c.annotator_id == bindparam("user"),
+        _A.c.status == "draft",
+        _I.c.batch_id.in_(bindparam("batches", expanding=True)),
     )
+    .order_by(_A.c.id)
+    .limit(1)
+)
+_ITEM = select(*_ITEM_COLS).where(_I.c.id == bindparam("item_id"))
+_BATCH_IDS = select(_B.c.id).order_by(_B.c.id)
+_SLOTS = select(_A.c.slot).where(_A.c.item_id == bindparam("item_id"), _A.c.slot.is_not(None))
+_INSERT = insert(_A)
+_FILL = update(_I).where(_I.c.id == bindparam("item_id")).values(filled=_I.c.filled + bindparam("delta"))
+_OPEN = (
+    select(_I.c.id)
+    .where(
+        _I.c.batch_id == bindparam("batch"),
+        _I.c.filled == bindparam("filled"),
+        ~select(_A.c.id).where(_A.c.item_id == _I.c.id, _A.c.annotator_id == bindparam("user")).exists(),
+    )
+    .order_by(_I.c.position)
+    .limit(16)
+)
+_BY_SUBMISSION = select(*_ANN_COLS).where(_A.c.submission_id == bindparam("sid"))
+
+
+def _split(row) -> tuple[ItemRow, AnnotationRow]:
+    return ItemRow(*row[:_N_ITEM]), AnnotationRow(*row[_N_ITEM:])
+
+
+def _own(db: Session, user: Actor, item_id: int) -> AnnotationRow | None:
+    row = db.connection().execute(_OWN, {"item_id": item_id, "user": user.id}).first()
+    return None if row is None else AnnotationRow(*row)
+
+
+def _claim(db: Session, item_id: int, overlap: int, user: Actor) -> AnnotationRow | None:
+    """Take a free slot of the item for `user` (its own transaction); None when it is full or a racer won it."""
+    conn = db.connection()
+    taken = set(conn.scalars(_SLOTS, {"item_id": item_id}))
     slot = next((s for s in range(overlap) if s not in taken), None)
     if slot is None:
         return None
-    ann = Annotation(item_id=item_id, annotator_id=user.id, slot=slot, status="draft", feedback={})
+    now = utcnow()
+    values = {"item_id": item_id, "annotator_id": user.id, "slot": slot, "status": "draft", "feedback": {}}
     try:
-        db.add(ann)
-        db.flush()
-        db.execute(update(Item).where(Item.id == item_id).values(filled=Item.filled + 1))
+        result = conn.execute(_INSERT, {**values, "created_at": now, "updated_at": now})
+        conn.execute(_FILL, {"item_id": item_id, "delta": 1})
         db.commit()
-    except IntegrityError:
+    except IntegrityError:  # the slot (or this annotator's row for the item) was taken meanwhile
         db.rollback()
         return None
-    return ann
+    return AnnotationRow(result.inserted_primary_key[0], item_id, slot, "draft", {}, None, now, None)
 
 
-def next_item(db: Session, user: Actor, batch_name: str | None = None) -> tuple[Item, Annotation] | None:
+def next_item(
+    db: Session, user: Actor, batch_name: str | None = None
+) -> tuple[ItemRow, AnnotationRow] | None:
     """The user's open draft if any, else a newly claimed item they have not seen whose overlap is not reached.
 
     Items already started by others come first (so overlapping items complete), then in file order; among the first
     few open items each annotator starts at a different one, so simultaneous claims rarely collide.
     """
     if batch_name is not None:
-        batches = [batch_info(db, get_batch(db, batch_name).id)]
+        batches = [batch_info(db, batch_id(db, batch_name))]
     else:
-        batches = [batch_info(db, batch_id) for batch_id in db.scalars(select(Batch.id).order_by(Batch.id))]
-    draft = db.execute(
-        select(Item, Annotation)
-        .join(Annotation, Annotation.item_id == Item.id)
-        .where(
-            Annotation.annotator_id == user.id,
-            Annotation.status == "draft",
-            Item.batch_id.in_([b.id for b in batches]),
-        )
-        .order_by(Annotation.id)
-        .limit(1)
-    ).first()
+        batches = [batch_info(db, b) for b in db.connection().scalars(_BATCH_IDS)]
+    draft = db.connection().execute(_DRAFT, {"user": user.id, "batches": [b.id for b in batches]}).first()
     if draft is not None:
-        return draft[0], draft[1]
+        return _split(draft)
     for _attempt in range(5):
         candidates = _open_items(db, batches, user)
         if not candidates:
@@ -337,40 +396,29 @@ def next_item(db: Session, user: Actor, batch_name: str | None = None) -> tuple[
         for item_id, overlap in candidates[start:] + candidates[:start]:
             ann = _claim(db, item_id, overlap, user)
             if ann is not None:
-                return db.get(Item, item_id), ann
+                return ItemRow(*db.connection().execute(_ITEM, {"item_id": item_id}).one()), ann
     raise Conflict("too many annotators are claiming items at once; try again")
 
 
 def _open_items(db: Session, batches: list[BatchInfo], user: Actor) -> list[tuple[int, int]]:
     """Up to 16 open items of the first batch that has any: one index range scan per fill level, fullest first."""
-    mine = (
-        select(Annotation.id)
-        .where(Annotation.item_id == Item.id, Annotation.annotator_id == user.id)
-        .exists()
-    )
+    conn = db.connection()
     for batch in batches:
         for filled in range(batch.overlap - 1, -1, -1):
-            found = db.scalars(
-                select(Item.id)
-                .where(Item.batch_id == batch.id, Item.filled == filled, ~mine)
-                .order_by(Item.position)
-                .limit(16)
-            ).all()
+            found = conn.scalars(_OPEN, {"batch": batch.id, "filled": filled, "user": user.id}).all()
             if found:
                 return [(item_id, batch.overlap) for item_id in found]
     return []
 
 
 def own_item(db: Session, user: Actor, item_id: int) -> tuple[Item, Annotation]:
-    """An item the user holds (claimed, drafted or submitted). Others' items read as not found."""
-    ann = _own(db, user, item_id)
+    """An item the user holds (claimed, drafted or submitted), as ORM objects. Others' items read as not found."""
+    ann = db.scalar(
+        select(Annotation).where(Annotation.item_id == item_id, Annotation.annotator_id == user.id)
+    )
     if ann is None:
         raise NotFound(f"item {item_id} is not one of yours (ask /api/next for an item)")
     return db.get(Item, item_id), ann
-
-
-def _feedback_dict(fb: FeedbackIn) -> dict:
-    return fb.model_dump(include=set(FeedbackIn.model_fields), exclude_none=True, mode="json")
 
 
 def save_draft(db: Session, user: Actor, item_id: int, fb: FeedbackIn) -> Annotation:
@@ -385,109 +433,28 @@ def save_draft(db: Session, user: Actor, item_id: int, fb: FeedbackIn) -> Annota
             raise Invalid(f"field '{field}' has {len(values)} entries for {k} responses")
     if fb.correction is not None and fb.correction.index >= k:
         raise Invalid(f"field 'correction.index' is {fb.correction.index}; the item has {k} responses")
-    ann.feedback = _feedback_dict(fb)
+    ann.feedback = feedback_dict(fb)
     ann.updated_at = utcnow()
     db.commit()
     return ann
 
 
-FIELD_FORM = {
-    "ranks": "ranking",
-    "ties": "ranking",
-    "ratings": "rating",
-    "pairwise": "pairwise",
-    "correction": "correction",
-    "demonstration": "demonstration",
-    "critique": "critique",
-}
-
-
-def check_submit(item: Item, batch: BatchInfo, body: SubmitIn) -> dict:
-    """Strict validation of a submit; returns the feedback to store."""
-    fb = _feedback_dict(body)
-    for field in ("demonstration", "critique", "note"):
-        if field in fb and not fb[field].strip():
-            del fb[field]  # an empty text box means "not given"
-    if fb.get("ties") == []:
-        del fb["ties"]
-    for field, form in FIELD_FORM.items():
-        if field in fb and form not in batch.forms:
-            raise Invalid(f"field '{field}': batch '{batch.name}' does not ask for {form} feedback")
-    if body.skip:
-        return {key: fb[key] for key in ("flags", "note", "critique") if key in fb}
-    k = len(item.responses)
-    if "ranking" in batch.forms:
-        ranks = fb.get("ranks")
-        if ranks is None:
-            raise Invalid("field 'ranks': every response must be ranked")
-        problem = ranking_error(ranks, k)
-        if problem:
-            raise Invalid(f"field 'ranks' {problem}")
-        _check_ties(ranks, fb.get("ties", []))
-    if "rating" in batch.forms:
-        ratings = fb.get("ratings")
-        if ratings is None or len(ratings) != k or any(r is None for r in ratings):
-            raise Invalid(f"field 'ratings': rate all {k} responses")
-        bad = [r for r in ratings if not 1 <= r <= batch.rating_scale]
-        if bad:
-            raise Invalid(f"field 'ratings': {bad[0]} is outside 1..{batch.rating_scale}")
-    if "pairwise" in batch.forms and "pairwise" not in fb:
-        raise Invalid("field 'pairwise': choose a, b or tie")
-    if not {"ranking", "rating", "pairwise"} & set(batch.forms) and not {
-        "correction",
-        "demonstration",
-        "critique",
-    } & set(fb):
-        raise Invalid(f"nothing to submit: give at least one of {', '.join(batch.forms)} (or skip)")
-    if "correction" in fb:
-        index, text = fb["correction"]["index"], fb["correction"]["text"]
-        if index >= k:
-            raise Invalid(f"field 'correction.index' is {index}; the item has {k} responses")
-        if not text.strip() or text == item.responses[index]["text"]:
-            raise Invalid("field 'correction.text' is empty or unchanged")
-    return fb
-
-
-def _check_ties(ranks: list[int], ties: list[list[int]]) -> None:
-    """Equal ranks are allowed only as declared tie groups: each group shares one rank and holds all of it."""
-    k, declared = len(ranks), set()
-    for group in ties:
-        if len(group) < 2 or len(set(group)) != len(group) or any(i >= k for i in group):
-            raise Invalid(f"field 'ties': group {group} must list 2+ distinct response indices below {k}")
-        if declared & set(group):
-            raise Invalid(f"field 'ties': response {sorted(declared & set(group))[0]} is in two tie groups")
-        declared |= set(group)
-        if len({ranks[i] for i in group}) != 1:
-            raise Invalid(
-                f"field 'ties': responses {group} are declared tied but have ranks {[ranks[i] for i in group]}"
-            )
-    groups = {frozenset(g) for g in ties}
-    for rank in sorted(set(ranks)):
-        holders = frozenset(i for i, r in enumerate(ranks) if r == rank)
-        if len(holders) > 1 and holders not in groups:
-            raise Invalid(
-                f"field 'ranks': responses {sorted(holders)} share rank {rank} but are not declared a tie"
-            )
-
-
-def submit(db: Session, user: Actor, item_id: int, body: SubmitIn) -> tuple[Annotation, bool]:
+def submit(db: Session, user: Actor, item_id: int, body: SubmitIn) -> tuple[AnnotationRow, bool]:
     """Store a final answer in one transaction; (annotation, replayed). Retrying a submission id is a no-op."""
-    ann = _own(db, user, item_id)
-    if ann is not None and ann.submission_id == body.submission_id:
+    row = db.connection().execute(_ITEM_AND_OWN, {"item_id": item_id, "user": user.id}).first()
+    if row is None:
+        raise NotFound(f"item {item_id} does not exist")
+    item, ann = _split(row)
+    if ann.id is not None and ann.submission_id == body.submission_id:
         return ann, True  # a retry of a stored submit
-    if ann is None:  # submitting straight to an item: claim it first, if a slot is free
-        item = db.get(Item, item_id)
-        if item is None:
-            raise NotFound(f"item {item_id} does not exist")
-        ann = _claim(db, item_id, batch_info(db, item.batch_id).overlap, user) or _own(db, user, item_id)
+    batch = batch_info(db, item.batch_id)
+    if ann.id is None:  # submitting straight to an item: claim it first, if a slot is free
+        ann = _claim(db, item_id, batch.overlap, user) or _own(db, user, item_id)
         if ann is None:
-            raise Conflict(
-                f"item {item_id} already has its {batch_info(db, item.batch_id).overlap} annotator(s)"
-            )
+            raise Conflict(f"item {item_id} already has its {batch.overlap} annotator(s)")
     if ann.status != "draft":
         raise Conflict(f"item {item_id} is already {ann.status} (submission id '{ann.submission_id}')")
-    item = db.get(Item, item_id)
-    feedback = check_submit(item, batch_info(db, item.batch_id), body)
+    feedback = check_submit(item.responses, batch, body)
     now = utcnow()
     values = {
         "status": "skipped" if body.skip else "submitted",
@@ -500,26 +467,22 @@ def submit(db: Session, user: Actor, item_id: int, body: SubmitIn) -> tuple[Anno
         values["slot"] = None  # a skip hands the item to someone else
     try:
         # conditional on still being a draft: of two concurrent submits exactly one changes the row
-        changed = db.execute(
-            update(Annotation)
-            .where(Annotation.id == ann.id, Annotation.status == "draft")
-            .values(**values)
-            .execution_options(synchronize_session=False)
+        conn = db.connection()
+        changed = conn.execute(
+            update(_A).where(_A.c.id == ann.id, _A.c.status == "draft").values(**values)
         ).rowcount
         if changed == 1 and body.skip:
-            db.execute(update(Item).where(Item.id == item_id).values(filled=Item.filled - 1))
+            conn.execute(_FILL, {"item_id": item_id, "delta": -1})
         db.commit()
     except IntegrityError:  # the submission id is taken: a concurrent retry of this submit, or another item's
         db.rollback()
         changed = 0
     if changed == 1:
-        for key, value in values.items():
-            set_committed_value(ann, key, value)
-        return ann, False
-    db.expire(ann)
-    stored = db.scalar(select(Annotation).where(Annotation.submission_id == body.submission_id))
+        return ann._replace(**values), False
+    stored = db.connection().execute(_BY_SUBMISSION, {"sid": body.submission_id}).first()
+    db.rollback()  # end the read
     if stored is not None and stored.id == ann.id:
-        return stored, True
+        return AnnotationRow(*stored), True
     if stored is not None:
         raise Conflict(f"submission id '{body.submission_id}' was already used for another item")
     raise Conflict(f"item {item_id} was submitted concurrently with another submission id")
