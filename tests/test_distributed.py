@@ -51,18 +51,9 @@ def test_dpo_two_processes_match_one_process_with_double_batch(tmp_path, tiny_ch
     _planted(tmp_path / "val.jsonl", 8, seed=2)
     one = _config(tmp_path, tiny_checkpoint, "one", steps=3, batch_size=8, eval_every=3)
     run(one)
-    args = [
-        f"{k}={v}"
-        for k, v in vars(one).items()
-        if k not in ("model", "lora", "name", "batch_size", "threads")
-    ]
-    args += [f"model.path={tiny_checkpoint}", "name=two", "batch_size=4", "num_processes=2", "threads=1"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(
-        [sys.executable, "-m", "rlhf", "dpo", *args], env=env, capture_output=True, text=True, timeout=240
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "data-parallel on 2 processes" in done.stderr
+    skip = ("model", "lora", "name", "batch_size", "threads")
+    args = [f"{k}={v}" for k, v in vars(one).items() if k not in skip]
+    _two_process_run("dpo", [*args, f"model.path={tiny_checkpoint}", "name=two", "batch_size=4"])
     one_losses, two_losses = (
         _losses(tmp_path / "runs" / "one" / "dpo"),
         _losses(tmp_path / "runs" / "two" / "dpo"),
@@ -80,3 +71,33 @@ def test_dpo_two_processes_match_one_process_with_double_batch(tmp_path, tiny_ch
         for n in ("one", "two")
     ]
     assert val[1]["val/margin"] == pytest.approx(val[0]["val/margin"], abs=1e-4)
+
+
+def _two_process_run(stage: str, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
+    done = subprocess.run(
+        [sys.executable, "-m", "rlhf", stage, *args, "num_processes=2", "threads=1"],
+        env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "data-parallel on 2 processes" in done.stderr
+    return done
+
+
+def test_sft_two_processes_match_one_process_with_double_batch(tmp_path, tiny_checkpoint):
+    from rlhf.config import load_config
+    from rlhf.stages import sft
+
+    demos = ROOT / "data" / "slices" / "self-instruct_seed_tasks.first32.jsonl"  # 28 train / 4 held out
+    common = [
+        f"model.path={tiny_checkpoint}", f"data={demos}", f"runs_dir={tmp_path}", "max_steps=3",
+        "val_fraction=0.125", "log_every=1", "eval_every=0", "patience=0", "save_every=0", "sample_prompts=0",
+        "max_length=64", "warmup_steps=0", "lr=0.003",
+    ]  # fmt: skip
+    sft.run(load_config(sft.SFTConfig, None, [*common, "name=one", "batch_size=8", "threads=2"]))
+    _two_process_run("sft", [*common, "name=two", "batch_size=4"])
+    one, two = (_losses(tmp_path / n / "sft") for n in ("one", "two"))
+    assert sorted(two) == [1, 2, 3]
+    # the loss is a mean over the response tokens of all ranks; the token count is all-reduced first
+    for step, loss in one.items():
+        assert two[step] == pytest.approx(loss, abs=1e-5)

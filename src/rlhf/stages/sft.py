@@ -22,15 +22,16 @@ from typing import Any
 
 import torch
 
-from rlhf.checkpoint import latest_checkpoint, load_state, save_checkpoint, save_hf
+from rlhf.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from rlhf.config import ModelConfig, StageConfig, option
 from rlhf.data.demonstrations import read_demonstrations
 from rlhf.data.records import Demonstration
 from rlhf.data.template import encode_prompt, encode_response
 from rlhf.errors import UserError
+from rlhf.lora import LoraSettings
 from rlhf.modeling import autocast, context_length, load_causal_lm, load_policy
 from rlhf.stagecli import parse_stage_args
-from rlhf.tracking import MetricsLogger, log, progress, stage_dir, start_run, truncate_metrics
+from rlhf.tracking import log, progress, stage_dir, truncate_metrics
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -65,6 +66,15 @@ class SFTConfig(StageConfig):
     sample_prompts: int = option(
         8, "at the end, sample this many held-out prompts and log the EOS rate (0 = off)", low=0
     )
+    # scaling out (docs/scaling.md)
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, more time")
+    num_processes: int = option(
+        1, "data-parallel processes: >1 re-launches through `accelerate launch`", low=1
+    )
+    accelerate_config: str = option(
+        "", "accelerate config file for the re-launch (configs/accelerate/*.yaml)"
+    )
+    lora: LoraSettings = option(LoraSettings(), "LoRA adapters (PEFT) instead of full fine-tuning")
 
     def validate(self) -> None:
         super().validate()
@@ -183,13 +193,21 @@ def _model_path(config: SFTConfig) -> str:
 
 
 def run(config: SFTConfig) -> dict:
-    out = start_run(config, "sft")
-    device = config.device
+    from rlhf import distributed as dist
+    from rlhf.lora import apply_lora, is_lora_model, load_adapter_checkpoint, merge_and_save
+
+    accelerator = dist.build_accelerator(config)
+    world = accelerator.num_processes
+    out = dist.start_run_on_main(accelerator, config, "sft")
+    device = str(accelerator.device)
     model, tokenizer = load_policy(_model_path(config), config.model.tokenizer)
+    model = apply_lora(model, config.lora)
+    if config.gradient_checkpointing:
+        dist.enable_gradient_checkpointing(model)
     model.to(device)
     max_length = min(config.max_length or context_length(model), context_length(model))
     train, val = load_examples(config, tokenizer, max_length)
-    per_epoch = math.ceil(len(train) / config.batch_size)
+    per_epoch = math.ceil(len(train) / (config.batch_size * world))  # micro-batches of all ranks together
     total = math.ceil(config.epochs * per_epoch / config.grad_accum)
     if config.max_steps:
         total = min(total, config.max_steps) if config.epochs else config.max_steps
@@ -217,7 +235,10 @@ def run(config: SFTConfig) -> dict:
         log.info("resume: no checkpoint in %s, starting fresh", out)
     if ckpt is not None:
         state = load_state(ckpt)
-        model.load_state_dict(load_causal_lm(ckpt).state_dict())
+        if is_lora_model(model):
+            load_adapter_checkpoint(model, ckpt)
+        else:
+            model.load_state_dict(load_causal_lm(ckpt).state_dict())
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, best_val, bad_evals = state["step"], state["best_val"], state["bad_evals"]
@@ -226,20 +247,28 @@ def run(config: SFTConfig) -> dict:
         truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
 
-    metrics = MetricsLogger(out)
+    metrics = dist.metrics_logger(accelerator, out)
     if start_val is None:  # the starting weights are the first candidate for "best"
         start_val = evaluate(model, val, config.batch_size, tokenizer.pad_token_id, config.bf16, device)
         metrics.log(0, {"val/loss": start_val})
         log.info("step 0: val/loss %.4f", start_val)
         if val:
             best_val = start_val
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {
+                k: v.detach().cpu().clone() for k, v in dist.unwrap(accelerator, model).state_dict().items()
+            }
 
     def save(at: int) -> None:
+        part = dist.savable(accelerator, model)
+        if accelerator.is_main_process:
+            _save(at, part)
+        accelerator.wait_for_everyone()
+
+    def _save(at: int, part: Any) -> None:
         save_checkpoint(
             out,
             at,
-            {"": (model, tokenizer)},
+            {"": (part, tokenizer)},
             {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -251,6 +280,7 @@ def run(config: SFTConfig) -> dict:
             },
         )
 
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays out: one step per step
     model.train()
     bar = progress(total, "sft", initial=step)
     window_loss, window_tokens, window_start = 0.0, 0, time.perf_counter()
@@ -260,18 +290,22 @@ def run(config: SFTConfig) -> dict:
         for j in range(config.grad_accum):
             micro = step * config.grad_accum + j
             epoch, index = divmod(micro, per_epoch)
-            group.append(micro_batches(train, config.batch_size, config.seed, epoch)[index])
+            global_micro = micro_batches(train, config.batch_size * world, config.seed, epoch)[index]
+            group.append(dist.rank_split(global_micro, accelerator) if world > 1 else global_micro)
         batches = [{k: v.to(device) for k, v in collate(g, tokenizer.pad_token_id).items()} for g in group]
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches)
-        # 2. Loss = mean over every response token of the step, whatever micro-batch it sits in.
-        for batch in batches:
-            with autocast(config.bf16, device):
-                loss_sum, _ = response_loss_sum(model, batch)
-            (loss_sum / max(n_tokens, 1)).backward()
-            window_loss += float(loss_sum.detach())
+        n_tokens = int(dist.sum_across(accelerator, torch.tensor([n_tokens], dtype=torch.float64)).item())
+        # 2. Loss = mean over every response token of the step (all ranks), whatever micro-batch it sits in.
+        # DDP averages gradients over ranks, hence the factor `world`.
+        for j, batch in enumerate(batches):
+            with dist.maybe_no_sync(accelerator, model, sync=j == len(batches) - 1):
+                with autocast(config.bf16, device):
+                    loss_sum, _ = response_loss_sum(model, batch)
+                accelerator.backward(loss_sum * world / max(n_tokens, 1))
+            window_loss += float(dist.sum_across(accelerator, loss_sum.detach().double().view(1)).item())
         window_tokens += n_tokens
         if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -295,7 +329,10 @@ def run(config: SFTConfig) -> dict:
             val_loss = evaluate(model, val, config.batch_size, tokenizer.pad_token_id, config.bf16, device)
             if val_loss < best_val:
                 best_val, bad_evals = val_loss, 0
-                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                best_state = {
+                    k: v.detach().cpu().clone()
+                    for k, v in dist.unwrap(accelerator, model).state_dict().items()
+                }
             else:
                 bad_evals += 1
             metrics.log(step, {"val/loss": val_loss, "val/best_loss": best_val})
@@ -311,13 +348,17 @@ def run(config: SFTConfig) -> dict:
 
     # 4. Restore the best weights and write the final model.
     if best_state is not None:
-        model.load_state_dict(best_state)
+        dist.unwrap(accelerator, model).load_state_dict(best_state)
         log.info("restored the best weights (val/loss %.4f)", best_val)
         if best_val >= start_val:
             log.warning("no step improved the held-out loss: the output is the starting model (lower lr?)")
     model.eval()
     final = out / "model"
-    save_hf(model, tokenizer, final)
+    part = dist.savable(accelerator, model)
+    if not accelerator.is_main_process:  # one writer; the others are done
+        accelerator.wait_for_everyone()
+        return {"model": str(final), "steps": step}
+    model = merge_and_save(part, tokenizer, final)  # plain HF weights (LoRA merged)
     summary = {
         "model": str(final),
         "val_loss": best_val if val else float("nan"),
@@ -335,6 +376,7 @@ def run(config: SFTConfig) -> dict:
         )
     metrics.close()
     log.info("sft model: %s", final)
+    accelerator.wait_for_everyone()
     return summary
 
 
@@ -362,6 +404,13 @@ def main(argv: list[str]) -> int:
     )
     if config is None:
         return 0
+    from rlhf.distributed import relaunch
+
+    code = relaunch(config, "sft", argv)
+    if code is not None:
+        return code
     summary = run(config)
+    if "val_loss" not in summary:  # a non-main rank
+        return 0
     print(f"sft model: {summary['model']}  val_loss={summary['val_loss']:.4f}")  # noqa: T201
     return 0
