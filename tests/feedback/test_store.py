@@ -110,3 +110,38 @@ def test_a_batch_import_is_all_or_nothing(store):
         with pytest.raises(service.Conflict):
             service.import_batch(db, "ok", make_samples(n=1), ["ranking"])
         assert db.scalar(select(func.count(Item.id))) == 3
+
+
+def test_racing_submits_that_claim_the_next_item_keep_every_submit_and_the_overlap(store):
+    """A submit claims the annotator's next item in its own transaction: 6 annotators race through 4 items with
+    overlap 2 (8 slots); every acknowledged submit is stored, no item gets more than 2, nobody sees an item twice."""
+    _, sessions = store
+    with sessions() as db:
+        service.import_batch(db, "loop", make_samples(n=4), ["ranking"], overlap=2)
+        users = [service.create_annotator(db, f"u{i}")[0] for i in range(6)]
+        actors = [service.Actor(u.id, u.name, u.is_admin) for u in users]
+
+    def work(i):
+        done = []
+        with sessions() as db:
+            found = service.next_item(db, actors[i])
+            while found is not None:
+                sid = f"loop-{i}-{len(done):04d}"
+                ann, replayed, found = service.submit_and_next(
+                    db, actors[i], found[0].id, SubmitIn(submission_id=sid, ranks=[2, 1, 4, 3])
+                )
+                assert not replayed and ann.status == "submitted" and ann.submission_id == sid
+                done.append((ann.item_id, sid))
+        return done
+
+    got = race(6, work)
+    assert not [g for g in got if isinstance(g, Exception)], got
+    acked = [pair for done in got for pair in done]
+    assert len(acked) == 8  # 4 items x overlap 2, all handed out
+    for done in got:
+        assert len({item for item, _ in done}) == len(done)  # never the same item twice
+    with sessions() as db:
+        rows = db.execute(select(Annotation.item_id, Annotation.submission_id, Annotation.status)).all()
+        assert sorted((r.item_id, r.submission_id) for r in rows) == sorted(acked)
+        assert {r.status for r in rows} == {"submitted"}
+        assert all(item.filled == 2 for item in db.scalars(select(Item)))

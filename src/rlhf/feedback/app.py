@@ -147,9 +147,9 @@ def save_draft(item_id: int, body: schemas.FeedbackIn, db: DB, user: User):
 
 @api.post("/items/{item_id}/submit", response_model=schemas.SubmitOut, tags=["annotate"])
 def submit(item_id: int, body: schemas.SubmitIn, db: DB, user: User, batch: str | None = None):
-    """Submit (or skip) in one transaction. Retrying with the same submission_id returns the stored result."""
-    ann, replayed = service.submit(db, user, item_id, body)
-    found = service.next_item(db, user, batch)
+    """Submit (or skip) and claim your next item in one transaction. Retrying with the same submission_id returns
+    the stored result."""
+    ann, replayed, found = service.submit_and_next(db, user, item_id, body, batch)
     out = schemas.SubmitOut(
         annotation=service.public_annotation(ann, user.name),
         replayed=replayed,

@@ -8,25 +8,22 @@ rows; admin-only functions are only reachable through the admin dependency (see 
 from __future__ import annotations
 
 import hashlib
-import json
-import random
 import secrets
-import tempfile
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import NamedTuple
 
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import and_, bindparam, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from rlhf.data.records import SampleRecord, read_samples
-from rlhf.errors import UserError
 from rlhf.feedback import schemas
+from rlhf.feedback.batches import import_batch, pick_pair, samples_from_objects  # noqa: F401 - re-exported
 from rlhf.feedback.checks import (  # noqa: F401 - the errors are part of this module's interface
     Conflict,
     FeedbackError,
@@ -36,7 +33,7 @@ from rlhf.feedback.checks import (  # noqa: F401 - the errors are part of this m
     check_submit,
     feedback_dict,
 )
-from rlhf.feedback.schemas import MAX_K, FeedbackIn, SubmitIn
+from rlhf.feedback.schemas import FeedbackIn, SubmitIn
 from rlhf.feedback.store import Annotation, Annotator, Batch, Item, utcnow
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,80 +128,6 @@ def public_annotator(a: Annotator) -> schemas.AnnotatorPublic:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Batches
-
-
-def pick_pair(prompt_id: str, k: int) -> list[int]:
-    """The two responses the pairwise form asks about: fixed per item, so overlapping annotators see the same pair."""
-    rng = random.Random(hashlib.sha256(prompt_id.encode()).digest())
-    return sorted(rng.sample(range(k), 2))
-
-
-def import_batch(
-    db: Session,
-    name: str,
-    samples: list[SampleRecord],
-    forms: list[str],
-    overlap: int = 1,
-    rating_scale: int = 7,
-    source: str = "",
-) -> Batch:
-    """One batch from sampled records; all or nothing."""
-    spec = schemas.BatchCreate(
-        name=name, forms=forms, overlap=overlap, rating_scale=rating_scale, samples=[{}]
-    )
-    if db.scalar(select(Batch.id).where(Batch.name == name)) is not None:
-        raise Conflict(f"batch '{name}' already exists")
-    seen: set[str] = set()
-    for n, record in enumerate(samples, 1):
-        k = len(record.responses)
-        if not 2 <= k <= MAX_K:
-            raise Invalid(
-                f"sample {n} (prompt_id {record.prompt_id}): has {k} responses; the app shows 2..{MAX_K}"
-            )
-        if record.prompt_id in seen:
-            raise Invalid(f"sample {n}: prompt_id '{record.prompt_id}' appears twice")
-        seen.add(record.prompt_id)
-    batch = Batch(
-        name=name,
-        forms=list(dict.fromkeys(spec.forms)),
-        overlap=overlap,
-        rating_scale=rating_scale,
-        source=source,
-    )
-    db.add(batch)
-    db.flush()
-    db.add_all(
-        Item(
-            batch_id=batch.id,
-            position=n,
-            prompt_id=record.prompt_id,
-            prompt=record.prompt,
-            responses=[
-                {"text": r.text, "policy": r.policy, "token_ids": r.token_ids} for r in record.responses
-            ],
-            pair=pick_pair(record.prompt_id, len(record.responses)),
-            meta=record.meta,
-            filled=0,
-        )
-        for n, record in enumerate(samples)
-    )
-    try:
-        db.commit()
-    except IntegrityError:
-        db.rollback()
-        raise Conflict(f"batch '{name}' already exists") from None
-    return batch
-
-
-def samples_from_objects(objects: list[dict]) -> list[SampleRecord]:
-    """Parse uploaded sample lines with the same reader (and the same errors) as a samples file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "samples.jsonl"
-        path.write_text("".join(json.dumps(o, ensure_ascii=False) + "\n" for o in objects), encoding="utf-8")
-        try:
-            return read_samples(path)
-        except UserError as exc:
-            raise Invalid(str(exc).replace(str(path), "samples line")) from None
 
 
 _batch_ids: weakref.WeakKeyDictionary[Engine, dict[str, int]] = weakref.WeakKeyDictionary()
@@ -330,7 +253,8 @@ _DRAFT = (
 _ITEM = select(*_ITEM_COLS).where(_I.c.id == bindparam("item_id"))
 _BATCH_IDS = select(_B.c.id).order_by(_B.c.id)
 _SLOTS = select(_A.c.slot).where(_A.c.item_id == bindparam("item_id"), _A.c.slot.is_not(None))
-_INSERT = insert(_A)
+_INSERT_SQLITE = sqlite_insert(_A).on_conflict_do_nothing().returning(_A.c.id)
+_INSERT_PG = pg_insert(_A).on_conflict_do_nothing().returning(_A.c.id)
 _FILL = update(_I).where(_I.c.id == bindparam("item_id")).values(filled=_I.c.filled + bindparam("delta"))
 _OPEN = (
     select(_I.c.id)
@@ -342,6 +266,8 @@ _OPEN = (
     .order_by(_I.c.position)
     .limit(16)
 )
+_SUBMIT = update(_A).where(_A.c.id == bindparam("ann_id"), _A.c.status == "draft")
+_SKIP = _SUBMIT.values(slot=None)
 _BY_SUBMISSION = select(*_ANN_COLS).where(_A.c.submission_id == bindparam("sid"))
 
 
@@ -354,32 +280,43 @@ def _own(db: Session, user: Actor, item_id: int) -> AnnotationRow | None:
     return None if row is None else AnnotationRow(*row)
 
 
-def _claim(db: Session, item_id: int, overlap: int, user: Actor) -> AnnotationRow | None:
-    """Take a free slot of the item for `user` (its own transaction); None when it is full or a racer won it."""
+def _claim(
+    db: Session, item_id: int, overlap: int, user: Actor, empty: bool = False, commit: bool = True
+) -> AnnotationRow | None:
+    """Take a free slot of the item for `user`; None when it is full or a racer won it.
+
+    The insert is `ON CONFLICT DO NOTHING` (SQLite and PostgreSQL): a slot (or this annotator's row for the item)
+    taken meanwhile by a racer inserts nothing and raises nothing, so a claim can share the transaction of a submit
+    (`commit=False`) without ever aborting it. `empty`: the item was just seen with no slot taken (`filled` == 0), so
+    slot 0 is tried without reading the slots (the unique index still decides).
+    """
     conn = db.connection()
-    taken = set(conn.scalars(_SLOTS, {"item_id": item_id}))
+    taken = set() if empty else set(conn.scalars(_SLOTS, {"item_id": item_id}))
     slot = next((s for s in range(overlap) if s not in taken), None)
     if slot is None:
         return None
     now = utcnow()
     values = {"item_id": item_id, "annotator_id": user.id, "slot": slot, "status": "draft", "feedback": {}}
-    try:
-        result = conn.execute(_INSERT, {**values, "created_at": now, "updated_at": now})
-        conn.execute(_FILL, {"item_id": item_id, "delta": 1})
-        db.commit()
-    except IntegrityError:  # the slot (or this annotator's row for the item) was taken meanwhile
-        db.rollback()
+    insert = _INSERT_PG if conn.dialect.name == "postgresql" else _INSERT_SQLITE
+    ann_id = conn.scalar(insert, {**values, "created_at": now, "updated_at": now})
+    if ann_id is None:
+        if commit:
+            db.rollback()  # nothing was written
         return None
-    return AnnotationRow(result.inserted_primary_key[0], item_id, slot, "draft", {}, None, now, None)
+    conn.execute(_FILL, {"item_id": item_id, "delta": 1})
+    if commit:
+        db.commit()
+    return AnnotationRow(ann_id, item_id, slot, "draft", {}, None, now, None)
 
 
 def next_item(
-    db: Session, user: Actor, batch_name: str | None = None
+    db: Session, user: Actor, batch_name: str | None = None, commit: bool = True
 ) -> tuple[ItemRow, AnnotationRow] | None:
     """The user's open draft if any, else a newly claimed item they have not seen whose overlap is not reached.
 
     Items already started by others come first (so overlapping items complete), then in file order; among the first
-    few open items each annotator starts at a different one, so simultaneous claims rarely collide.
+    few open items each annotator starts at a different one, so simultaneous claims rarely collide. `commit=False`
+    claims inside the caller's transaction (a submit's: one commit for the submit and the next claim).
     """
     if batch_name is not None:
         batches = [batch_info(db, batch_id(db, batch_name))]
@@ -393,21 +330,21 @@ def next_item(
         if not candidates:
             return None
         start = user.id % len(candidates)  # annotators arriving together try different items first
-        for item_id, overlap in candidates[start:] + candidates[:start]:
-            ann = _claim(db, item_id, overlap, user)
+        for item_id, overlap, filled in candidates[start:] + candidates[:start]:
+            ann = _claim(db, item_id, overlap, user, empty=filled == 0, commit=commit)
             if ann is not None:
                 return ItemRow(*db.connection().execute(_ITEM, {"item_id": item_id}).one()), ann
     raise Conflict("too many annotators are claiming items at once; try again")
 
 
-def _open_items(db: Session, batches: list[BatchInfo], user: Actor) -> list[tuple[int, int]]:
+def _open_items(db: Session, batches: list[BatchInfo], user: Actor) -> list[tuple[int, int, int]]:
     """Up to 16 open items of the first batch that has any: one index range scan per fill level, fullest first."""
     conn = db.connection()
     for batch in batches:
         for filled in range(batch.overlap - 1, -1, -1):
             found = conn.scalars(_OPEN, {"batch": batch.id, "filled": filled, "user": user.id}).all()
             if found:
-                return [(item_id, batch.overlap) for item_id in found]
+                return [(item_id, batch.overlap, filled) for item_id in found]
     return []
 
 
@@ -441,12 +378,30 @@ def save_draft(db: Session, user: Actor, item_id: int, fb: FeedbackIn) -> Annota
 
 def submit(db: Session, user: Actor, item_id: int, body: SubmitIn) -> tuple[AnnotationRow, bool]:
     """Store a final answer in one transaction; (annotation, replayed). Retrying a submission id is a no-op."""
+    ann, replayed, _ = submit_and_next(db, user, item_id, body, next_item_too=False)
+    return ann, replayed
+
+
+def submit_and_next(
+    db: Session,
+    user: Actor,
+    item_id: int,
+    body: SubmitIn,
+    batch_name: str | None = None,
+    next_item_too: bool = True,
+) -> tuple[AnnotationRow, bool, tuple[ItemRow, AnnotationRow] | None]:
+    """Store a final answer and claim the user's next item in ONE transaction (one commit); (annotation, replayed,
+    next item or None). Retrying a submission id stores nothing and answers the stored result with the user's
+    next item. A claim never aborts the submit (see `_claim`); if racers took every candidate, the next item is
+    looked for again after the submit is committed."""
+    if next_item_too and batch_name is not None:
+        batch_id(db, batch_name)  # an unknown batch is a 404 before anything is written
     row = db.connection().execute(_ITEM_AND_OWN, {"item_id": item_id, "user": user.id}).first()
     if row is None:
         raise NotFound(f"item {item_id} does not exist")
     item, ann = _split(row)
-    if ann.id is not None and ann.submission_id == body.submission_id:
-        return ann, True  # a retry of a stored submit
+    if ann.id is not None and ann.submission_id == body.submission_id:  # a retry of a stored submit
+        return ann, True, next_item(db, user, batch_name) if next_item_too else None
     batch = batch_info(db, item.batch_id)
     if ann.id is None:  # submitting straight to an item: claim it first, if a slot is free
         ann = _claim(db, item_id, batch.overlap, user) or _own(db, user, item_id)
@@ -463,26 +418,30 @@ def submit(db: Session, user: Actor, item_id: int, body: SubmitIn) -> tuple[Anno
         "submitted_at": now,
         "updated_at": now,
     }
-    if body.skip:
-        values["slot"] = None  # a skip hands the item to someone else
+    found = None
     try:
         # conditional on still being a draft: of two concurrent submits exactly one changes the row
         conn = db.connection()
-        changed = conn.execute(
-            update(_A).where(_A.c.id == ann.id, _A.c.status == "draft").values(**values)
-        ).rowcount
-        if changed == 1 and body.skip:
+        changed = conn.execute(_SKIP if body.skip else _SUBMIT, {**values, "ann_id": ann.id}).rowcount
+        if changed == 1 and body.skip:  # a skip hands the item to someone else: it gives its slot back
             conn.execute(_FILL, {"item_id": item_id, "delta": -1})
+        if changed == 1 and next_item_too:
+            try:
+                found = next_item(db, user, batch_name, commit=False)
+            except Conflict:  # racers took every candidate: look again once the submit is committed
+                found = False
         db.commit()
     except IntegrityError:  # the submission id is taken: a concurrent retry of this submit, or another item's
         db.rollback()
         changed = 0
     if changed == 1:
-        return ann._replace(**values), False
+        if found is False:
+            found = next_item(db, user, batch_name)
+        return ann._replace(**values, slot=None if body.skip else ann.slot), False, found
     stored = db.connection().execute(_BY_SUBMISSION, {"sid": body.submission_id}).first()
     db.rollback()  # end the read
     if stored is not None and stored.id == ann.id:
-        return AnnotationRow(*stored), True
+        return AnnotationRow(*stored), True, next_item(db, user, batch_name) if next_item_too else None
     if stored is not None:
         raise Conflict(f"submission id '{body.submission_id}' was already used for another item")
     raise Conflict(f"item {item_id} was submitted concurrently with another submission id")
