@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 import weakref
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import NamedTuple
@@ -271,6 +273,23 @@ _SKIP = _SUBMIT.values(slot=None)
 _BY_SUBMISSION = select(*_ANN_COLS).where(_A.c.submission_id == bindparam("sid"))
 
 
+_write_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+def _writer(db: Session) -> AbstractContextManager:
+    """Held around the server's hot write transactions on SQLite. SQLite admits one writer at a time, and a writer
+    that finds the database locked sleeps in SQLite's busy handler (1, 2, 5, 10 ... ms) and polls again; queueing
+    this process's writers on a lock instead wakes each one as soon as the previous commits. Other processes (the
+    CLI) still meet the busy handler; PostgreSQL locks rows itself and needs nothing here."""
+    bind = db.get_bind()
+    if bind.dialect.name != "sqlite":
+        return nullcontext()
+    lock = _write_locks.get(bind)
+    if lock is None:
+        lock = _write_locks.setdefault(bind, threading.Lock())
+    return lock
+
+
 def _split(row) -> tuple[ItemRow, AnnotationRow]:
     return ItemRow(*row[:_N_ITEM]), AnnotationRow(*row[_N_ITEM:])
 
@@ -298,14 +317,15 @@ def _claim(
     now = utcnow()
     values = {"item_id": item_id, "annotator_id": user.id, "slot": slot, "status": "draft", "feedback": {}}
     insert = _INSERT_PG if conn.dialect.name == "postgresql" else _INSERT_SQLITE
-    ann_id = conn.scalar(insert, {**values, "created_at": now, "updated_at": now})
-    if ann_id is None:
+    with _writer(db) if commit else nullcontext():
+        ann_id = conn.scalar(insert, {**values, "created_at": now, "updated_at": now})
+        if ann_id is None:
+            if commit:
+                db.rollback()  # nothing was written
+            return None
+        conn.execute(_FILL, {"item_id": item_id, "delta": 1})
         if commit:
-            db.rollback()  # nothing was written
-        return None
-    conn.execute(_FILL, {"item_id": item_id, "delta": 1})
-    if commit:
-        db.commit()
+            db.commit()
     return AnnotationRow(ann_id, item_id, slot, "draft", {}, None, now, None)
 
 
@@ -419,21 +439,22 @@ def submit_and_next(
         "updated_at": now,
     }
     found = None
-    try:
-        # conditional on still being a draft: of two concurrent submits exactly one changes the row
-        conn = db.connection()
-        changed = conn.execute(_SKIP if body.skip else _SUBMIT, {**values, "ann_id": ann.id}).rowcount
-        if changed == 1 and body.skip:  # a skip hands the item to someone else: it gives its slot back
-            conn.execute(_FILL, {"item_id": item_id, "delta": -1})
-        if changed == 1 and next_item_too:
-            try:
-                found = next_item(db, user, batch_name, commit=False)
-            except Conflict:  # racers took every candidate: look again once the submit is committed
-                found = False
-        db.commit()
-    except IntegrityError:  # the submission id is taken: a concurrent retry of this submit, or another item's
-        db.rollback()
-        changed = 0
+    with _writer(db):
+        try:
+            # conditional on still being a draft: of two concurrent submits exactly one changes the row
+            conn = db.connection()
+            changed = conn.execute(_SKIP if body.skip else _SUBMIT, {**values, "ann_id": ann.id}).rowcount
+            if changed == 1 and body.skip:  # a skip hands the item to someone else: it gives its slot back
+                conn.execute(_FILL, {"item_id": item_id, "delta": -1})
+            if changed == 1 and next_item_too:
+                try:
+                    found = next_item(db, user, batch_name, commit=False)
+                except Conflict:  # racers took every candidate: look again once the submit is committed
+                    found = False
+            db.commit()
+        except IntegrityError:  # the submission id is taken: a concurrent retry of this submit, or another's
+            db.rollback()
+            changed = 0
     if changed == 1:
         if found is False:
             found = next_item(db, user, batch_name)
