@@ -3,9 +3,11 @@
 Same models (GPT-2 4 layers d=256 policy and reference, GPT2ForSequenceClassification reward and value, random
 init, vocab 8192), same 16 prompts of about 32 tokens (the template's ids, identical on both sides), 48 new tokens at
 temperature 0.7, 1 PPO epoch, 4 minibatches of 4, lr 1e-5, fixed KL coefficient 0.05, gamma 1, lambda 0.95.
-Seconds per iteration are medians of wall-clock gaps between iterations (the first one, warm-up, excluded).
+Seconds per iteration are medians of the gaps between iterations (the first one, warm-up, excluded): wall-clock
+seconds, or with --cpu-time the process's own CPU seconds (robust on a busy shared machine; use it with --threads 1,
+where no thread spins waiting for another).
 
-    .venv/bin/python benchmarks/ppo.py [--quick] [--threads 2]
+    .venv/bin/python benchmarks/ppo.py [--quick] [--threads 2] [--cpu-time]
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch
 from common import CORPUS, parse_args, peer_gpt2_config, peer_tokenizer, result, table
 
 BATCH, NEW_TOKENS, TEMPERATURE, PROMPT_TOKENS = 16, 48, 0.7, 32
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
 
 
 def build_models(tok, folder: Path) -> None:
@@ -54,10 +57,22 @@ def make_prompts(tok, n: int) -> tuple[list[str], list[list[int]]]:
 
 def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool) -> dict:
     import json
+    import types
 
+    import rlhf.stages.ppo as stage
     from rlhf.config import load_config
     from rlhf.stages.ppo import PPOConfig, run
-    from rlhf.tracking import read_metrics
+    from rlhf.tracking import MetricsLogger, read_metrics
+
+    stamps = []
+
+    class StampedLogger(MetricsLogger):  # the clock reading at each iteration's metrics row
+        def log(self, step, metrics):
+            stamps.append(CLOCK())
+            super().log(step, metrics)
+
+    # the stage's own time split (and perf/rollout_tok_s) read CLOCK too
+    stage.time, stage.MetricsLogger = types.SimpleNamespace(perf_counter=CLOCK), StampedLogger
 
     prompt_file = folder / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
@@ -87,11 +102,15 @@ def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool) -> d
             "log_samples=0",
             "lr_schedule=linear",  # as TRL (its default linear decay over the run)
             f"bf16={str(bf16).lower()}",
+            f"threads={torch.get_num_threads()}",  # the same threads as TRL's side
         ],
     )
-    run(config)
+    try:
+        run(config)
+    finally:
+        stage.time, stage.MetricsLogger = time, MetricsLogger
     rows = read_metrics(folder / "runs" / name / "ppo")
-    gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
     tokens = statistics.mean(r["perf/rollout_tok_s"] * r["time/iteration"] for r in rows)
     split = {
         k: statistics.median(r[f"time/{k}"] for r in rows[1:]) for k in ("generation", "scoring", "training")
@@ -144,14 +163,14 @@ def run_trl(folder: Path, prompt_ids: list[list[int]], tok, iterations: int) -> 
     original = trl_ppo.batch_generation
 
     def timed_generation(*a, **kw):
-        start = time.perf_counter()
+        start = CLOCK()
         out = original(*a, **kw)
-        gen_time.append(time.perf_counter() - start)
+        gen_time.append(CLOCK() - start)
         return out
 
     class Clock(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            stamps.append(time.perf_counter())
+            stamps.append(CLOCK())
             rows.append(dict(logs or {}))
 
     trl_ppo.batch_generation = timed_generation
@@ -181,7 +200,16 @@ def run_trl(folder: Path, prompt_ids: list[list[int]], tok, iterations: int) -> 
 
 
 def main() -> None:
-    args = parse_args(__doc__.split("\n\n")[0])
+    global CLOCK
+    args = parse_args(
+        __doc__.split("\n\n")[0],
+        lambda p: p.add_argument(
+            "--cpu-time", action="store_true", help="time by process CPU seconds (busy machine; --threads 1)"
+        ),
+    )
+    if args.cpu_time:
+        CLOCK = time.process_time
+    print(f"threads {torch.get_num_threads()}, clock: {'process CPU' if args.cpu_time else 'wall'} seconds")
     iterations = 4 if args.quick else 10
     tok = peer_tokenizer()
     prompts, prompt_ids = make_prompts(tok, BATCH)

@@ -306,3 +306,70 @@ def test_shared_value_head_with_ptx_and_recomputed_logprobs(tmp_path, tiny_check
     final = summary["final"]
     assert final["ptx/loss"] > 0 and abs(final["val/ratio"] - 1) < 0.5
     assert (tmp_path / "runs" / "demo" / "ppo" / "value" / "value_head.pt").exists()
+
+
+def test_eager_attention_default_on_cpu_matches_sdpa_and_entropy_from_log_softmax(
+    tmp_path, tiny_checkpoint, prompt_file
+):
+    """attention=auto picks eager on CPU (the faster kernel here); it gives SDPA's log-probs on left-padded
+    rollouts, and the entropy read from the training pass's log-softmax equals the one from the logits."""
+    from rlhf.data.template import encode_prompt
+    from rlhf.losses import entropy_from_logits, entropy_from_logprobs
+
+    config = tiny_config(tmp_path, tiny_checkpoint, prompt_file, "temperature=0.7", "batch_size=8")
+    models = load_models(config, None, with_reward=False)
+    assert models.policy.config._attn_implementation == "eager"
+    assert models.ref.config._attn_implementation == "eager"
+    assert models.value.model.config._attn_implementation == "eager"
+    prompts = read_prompts(str(prompt_file))[:8]
+    ids = [encode_prompt(models.tokenizer, p) for p in prompts]
+    assert len({len(i) for i in ids}) > 1  # left padding is exercised
+    rollout, _, _ = collect_rollout(
+        models, prompts, ids, config, 0.1, torch.Generator().manual_seed(0), target_share
+    )
+    args = (rollout.input_ids, rollout.attention_mask, rollout.response_start, 0.7)
+    with torch.no_grad():
+        eager, log_softmax, _ = response_logprobs(models.policy, *args, with_log_softmax=True)
+        _, logits, _ = response_logprobs(models.policy, *args, with_logits=True)
+        models.policy.set_attn_implementation("sdpa")
+        sdpa, _, _ = response_logprobs(models.policy, *args)
+    mask = rollout.response_mask
+    torch.testing.assert_close(eager * mask, sdpa * mask, atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        entropy_from_logprobs(log_softmax), entropy_from_logits(logits), atol=1e-4, rtol=0
+    )
+    edge = torch.tensor([[0.0, -float("inf")], [-0.6931472, -0.6931472]])
+    torch.testing.assert_close(entropy_from_logprobs(edge), torch.tensor([0.0, 0.6931472]))
+
+
+def test_trimmed_minibatch_gives_the_same_logprobs_and_losses(tmp_path, tiny_checkpoint, prompt_file):
+    """Dropping all-padding columns from a minibatch changes no log-prob, value or loss."""
+    from rlhf.data.template import encode_prompt
+    from rlhf.stages.ppo import accumulate_gradients
+
+    config = tiny_config(tmp_path, tiny_checkpoint, prompt_file, "batch_size=8")
+    models = load_models(config, None, with_reward=False)
+    prompts = read_prompts(str(prompt_file))[:8]
+    ids = [encode_prompt(models.tokenizer, p) for p in prompts]
+    rollout, _, _ = collect_rollout(
+        models, prompts, ids, config, 0.1, torch.Generator().manual_seed(2), target_share
+    )
+    shortest = torch.tensor(sorted(range(8), key=lambda i: len(ids[i]))[:2])
+    mb = rollout.select(shortest)
+    mb.response_mask[1, 3:] = False  # a short response too: trailing columns are trimmed
+    mb.response_mask[0, 5:] = False
+    trimmed = mb.trimmed()
+    left = mb.input_ids.shape[1] - trimmed.input_ids.shape[1] - (mb.response_mask.shape[1] - 5)
+    assert left == max(len(i) for i in ids) - max(len(ids[i]) for i in shortest.tolist()) > 0
+    assert trimmed.response_mask.shape[1] == 5 and trimmed.advantages.shape == (2, 5)
+    with torch.no_grad():
+        full, _, _ = response_logprobs(models.policy, mb.input_ids, mb.attention_mask, mb.response_start, 1.0)
+        cut, _, _ = response_logprobs(
+            models.policy, trimmed.input_ids, trimmed.attention_mask, trimmed.response_start, 1.0
+        )
+    torch.testing.assert_close(
+        cut * trimmed.response_mask, (full * mb.response_mask)[:, :5], atol=1e-5, rtol=0
+    )
+    stats = [accumulate_gradients(models, m, config, 7.0) for m in (mb, trimmed)]
+    for key in ("pg_loss", "vf_loss", "approx_kl", "entropy"):
+        torch.testing.assert_close(stats[0][key], stats[1][key], atol=1e-5, rtol=1e-5)

@@ -199,6 +199,13 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
+def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
+    """Entropy -sum p log p from full log-probabilities (a log_softmax already computed). (..., V) -> (...)."""
+    logprobs = logprobs.float()
+    # clamp: a -inf log-prob (p = 0) contributes 0 * finite = 0 instead of 0 * -inf = NaN
+    return -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(-1)
+
+
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """1 - Var[R - V] / Var[R] over masked tokens: 1 = perfect value predictions, 0 = no better than a constant."""
     var_returns = masked_var(returns, mask, unbiased=False)

@@ -63,6 +63,27 @@ class Rollout:
             out[f.name] = value[index] if isinstance(value, torch.Tensor) else value
         return replace(self, **out)
 
+    def trimmed(self) -> Rollout:
+        """The same rows without the columns that are padding in every row: leading prompt columns (left padding)
+        and trailing response columns past the longest response. Positions count real tokens only and every loss
+        sums over the response mask, so forward passes and losses over the trimmed layout are the same; a
+        minibatch of short prompts or short responses then costs only its own length."""
+        real = self.attention_mask[:, : self.response_start].any(0)  # (P,) prompt columns some row uses
+        left = int(real.long().argmax()) if bool(real.any()) else 0
+        width = max(int(self.lengths.max()), 1)  # response columns some row uses
+        if left == 0 and width == self.response_mask.shape[1]:
+            return self
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("input_ids", "attention_mask"):
+                value = value[:, left : self.response_start + width]
+            elif isinstance(value, torch.Tensor) and value.dim() == 2:
+                value = value[:, :width]  # (B, T) per-token fields
+            out[f.name] = value
+        out["response_start"] = self.response_start - left
+        return replace(self, **out)
+
 
 def shape_scores(
     raw_scores: torch.Tensor,
@@ -164,14 +185,17 @@ def response_logprobs(
     temperature: float,
     *,
     with_logits: bool = False,
+    with_log_softmax: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """log pi(response token t | prefix) at `temperature` (B, T), the scaled logits (B, T, V) if asked, and the
-    hidden states (B, T, d) (a shared value head reads them). The LM head runs on response columns only."""
+    """log pi(response token t | prefix) at `temperature` (B, T), the scaled logits (B, T, V) if asked (or their
+    log-softmax, the full log pi(. | prefix), with `with_log_softmax`), and the hidden states (B, T, d) (a shared
+    value head reads them). The LM head runs on response columns only."""
     hidden = response_hidden(model, input_ids, attention_mask, start)  # (B, T, d)
     # (h W^T) / temperature == (h / temperature) W^T: divide the (B, T, d) states, not the (B, T, V) logits
     logits = model.get_output_embeddings()(hidden / temperature).float()  # (B, T, V)
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, start:, None]).squeeze(-1)  # (B, T)
-    return logp, (logits if with_logits else None), hidden
+    log_softmax = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+    logp = log_softmax.gather(-1, input_ids[:, start:, None]).squeeze(-1)  # (B, T)
+    return logp, (log_softmax if with_log_softmax else logits if with_logits else None), hidden
 
 
 def fast_gelu(model: torch.nn.Module) -> torch.nn.Module:

@@ -33,7 +33,7 @@ from rlhf.checkpoint import latest_checkpoint, load_state, save_checkpoint, save
 from rlhf.config import ModelConfig, StageConfig, option
 from rlhf.errors import UserError
 from rlhf.kl_control import make_kl_controller
-from rlhf.losses import entropy_from_logits, explained_variance, kl_k3, masked_mean, policy_loss, value_loss
+from rlhf.losses import entropy_from_logprobs, explained_variance, kl_k3, masked_mean, policy_loss, value_loss
 from rlhf.modeling import autocast, load_policy
 from rlhf.rollout import (
     PtxBatches,
@@ -111,6 +111,12 @@ class PPOConfig(StageConfig):
     ptx_seq_len: int = option(64, "PPO-ptx sequence length", low=8)
     bf16: bool = option(
         False, "bf16 autocast for sampling, scoring and training (CPU with AVX512-BF16, CUDA)"
+    )
+    attention: str = option(
+        "auto",
+        "attention kernel of the policy, reference, value and reward models in scoring and training; auto = "
+        "eager on CPU (SDPA's CPU kernel is slower at these sizes, its bf16 backward several times), sdpa elsewhere",
+        choices=("auto", "eager", "sdpa"),
     )
     recompute_logprobs: bool = option(
         False, "recompute old log-probs with a forward pass instead of the sampler's"
@@ -190,6 +196,12 @@ def load_models(config: PPOConfig, checkpoint: Path | None, with_reward: bool) -
         for p in value_model.parameters():
             p.requires_grad_(True)
         value = ValueModel(fast_gelu(value_model.eval()))
+    kind = config.attention
+    if kind == "auto":
+        kind = "eager" if str(config.device).startswith("cpu") else "sdpa"
+    for model in (policy, ref, getattr(value, "model", None), reward.model if reward is not None else None):
+        if model is not None:
+            model.set_attn_implementation(kind)
     return Models(policy, _frozen(ref), value, reward, tokenizer)
 
 
@@ -308,13 +320,13 @@ def accumulate_gradients(
     of the whole minibatch), so micro-batches accumulate to exactly the full minibatch's gradient."""
     mask = mb.response_mask
     with autocast(config.bf16, config.device):
-        logp, logits, hidden = response_logprobs(
+        logp, log_softmax, hidden = response_logprobs(
             models.policy,
             mb.input_ids,
             mb.attention_mask,
             mb.response_start,
             config.temperature,
-            with_logits=True,
+            with_log_softmax=True,
         )
         if config.value_head == "shared":
             values = models.value(hidden)
@@ -337,7 +349,7 @@ def accumulate_gradients(
         raise FloatingPointError("loss")
     loss.backward()
     with torch.no_grad():
-        stats["entropy"] = masked_mean(entropy_from_logits(logits.detach()), mask)
+        stats["entropy"] = masked_mean(entropy_from_logprobs(log_softmax.detach()), mask)
     return stats
 
 
@@ -364,14 +376,17 @@ def ppo_update(
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             for k in range(config.grad_accum):
-                micro = rollout.select(mb_index[k * per_micro : (k + 1) * per_micro])
+                micro = rollout.select(mb_index[k * per_micro : (k + 1) * per_micro]).trimmed()
                 stats = accumulate_gradients(models, micro, config, normalizer, ptx)
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
                 count += 1
             # one fused norm per model both clips and checks finiteness (no per-parameter isfinite scans)
             limit = config.max_grad_norm or math.inf
-            norms = [torch.nn.utils.clip_grad_norm_(p, limit) for p in (models.policy.parameters(), params_v)]
+            norms = [
+                torch.nn.utils.clip_grad_norm_(p, limit, foreach=True)
+                for p in (models.policy.parameters(), params_v)
+            ]
             if not all(torch.isfinite(n) for n in norms):
                 raise FloatingPointError("gradient")
             for opt, sched in zip(optimizers, schedulers):
