@@ -4,12 +4,18 @@ Set-up of PERF-NOTES: 16 prompts x 32 tokens, 48 new tokens, temperature 0.7, no
 random-init GPT-2 (it practically never emits EOS, so every row runs the full 48 tokens on both sides; the tokens
 per second count only real response tokens either way). Presets: tiny (4L d=256, the peer model) and small (6L d=384).
 
+Our fast path runs its decode steps on one intra-op thread (a decode step at this width is a chain of tiny ops and each
+fork/join of the thread pool costs more than the op; see `rlhf.sampling`), so the table also shows `model.generate`
+at 1 thread, to separate what threading gives from what the leaner decode step gives. It also reports process CPU
+time per new token, which a busy machine disturbs much less than wall time.
+
     .venv/bin/python benchmarks/sample.py [--quick] [--threads 2]
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
@@ -65,6 +71,11 @@ def bench(preset: str, tokenizer, repeats: int, quick: bool) -> list[list]:
         ("ours, fast path (fp32)", lambda: ours(model, tokenizer, prompt_ids)),
         ("ours, fast path (bf16)", lambda: ours(model, tokenizer, prompt_ids, bf16=True)),
     ]
+    threads = torch.get_num_threads()
+    if threads > 1:
+        variants.append(
+            ("model.generate (fp32, 1 thread)", lambda: one_thread(hf_generate, model, tokenizer, prompt_ids))
+        )
     if not quick:
         variants.append(
             ("ours, generic HF loop (fp32)", lambda: ours(model, tokenizer, prompt_ids, fast=False))
@@ -72,15 +83,30 @@ def bench(preset: str, tokenizer, repeats: int, quick: bool) -> list[list]:
     # Interleaved repeats: the machine is shared and noisy, so every variant sees the same conditions.
     tokens = [fn() for _, fn in variants]
     times: list[list[float]] = [[] for _ in variants]
+    cpu: list[list[float]] = [[] for _ in variants]
     for _ in range(repeats):
         for i, (_, fn) in enumerate(variants):
+            start = time.process_time()
             times[i].append(timed(fn, 1, warmup=0)[0])
+            cpu[i].append(time.process_time() - start)
     rows = []
-    for (name, _), n, ts in zip(variants, tokens, times):
-        seconds = statistics.median(ts)
-        rows.append([preset, name, n, seconds, n / seconds])
-        print(f"{preset:6s} {name:30s} {n} tokens  {seconds:.3f} s  {n / seconds:.0f} tok/s", flush=True)
+    for (name, _), n, ts, cs in zip(variants, tokens, times, cpu):
+        seconds, cpu_ms = statistics.median(ts), 1e3 * statistics.median(cs) / n
+        rows.append([preset, name, n, seconds, n / seconds, cpu_ms])
+        print(
+            f"{preset:6s} {name:32s} {n} tokens  {seconds:.3f} s  {n / seconds:.0f} tok/s  {cpu_ms:.3f} cpu-ms/tok",
+            flush=True,
+        )
     return rows
+
+
+def one_thread(fn, *args):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(before)
 
 
 def main() -> None:
@@ -90,7 +116,17 @@ def main() -> None:
     rows = []
     for preset in ("tiny", "small"):
         rows += bench(preset, tokenizer, repeats, args.quick)
-    print(table(rows, ["preset", "sampler", "new tokens", "median s", "new tok/s"]))
+    print(table(rows, ["preset", "sampler", "new tokens", "median s", "new tok/s", "CPU ms/tok"]))
+    for preset in (
+        "tiny",
+        "small",
+    ):  # CPU-time ratios: less sensitive to a busy machine than the wall-time RESULT
+        by = {r[1]: r[5] for r in rows if r[0] == preset}
+        base = by["model.generate (fp32)"]
+        print(
+            f"{preset}: CPU time per token, model.generate / ours: "
+            f"fp32 {base / by['ours, fast path (fp32)']:.2f}x, bf16 {base / by['ours, fast path (bf16)']:.2f}x"
+        )
     for preset in ("tiny", "small"):
         by = {r[1]: r[4] for r in rows if r[0] == preset}
         result(

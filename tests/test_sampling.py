@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
+from rlhf import sampling
 from rlhf.data.template import encode_prompt
 from rlhf.errors import UserError
 from rlhf.sampling import _left_pad, generate, join_prompt_response, token_logprobs
@@ -176,3 +177,58 @@ def test_bf16_fast_path_is_close(tiny_tokenizer, prompt_ids):
         full = token_logprobs(model, ids, mask)[:, start - 1 :]
     real = gen.response_mask
     assert (gen.logprobs[real] - full[real]).abs().max() < 0.15  # bf16 rounding only
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_plain_sampling_logprobs_equal_one_full_forward(tiny_tokenizer, prompt_ids, bf16):
+    """No top-k/top-p: the fast path samples from softmax + cumsum and folds 1/T into ln_f; same log-probs."""
+    model = eos_prone_model(tiny_tokenizer, seed=2, strength=0.02)
+    gen = generate(
+        model,
+        tiny_tokenizer,
+        prompt_ids * 2,
+        max_new_tokens=20,
+        temperature=0.7,
+        generator=torch.Generator().manual_seed(4),
+        bf16=bf16,
+    )
+    assert gen.finished.any() and not gen.finished.all()
+    ids, mask, start = join_prompt_response(
+        prompt_ids * 2, gen.response_ids, gen.response_mask, tiny_tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        full = token_logprobs(model, ids, mask, temperature=0.7)[:, start - 1 :]
+    real = gen.response_mask
+    if bf16:
+        assert (gen.logprobs[real] - full[real]).abs().max() < 0.15  # bf16 rounding of the weight GEMMs only
+    else:
+        torch.testing.assert_close(gen.logprobs[real], full[real], atol=2e-5, rtol=1e-5)
+
+
+def test_decode_restores_the_thread_setting(tiny_tokenizer, prompt_ids, monkeypatch):
+    """The fast path decodes small batches on one thread, and gives the caller's setting back (also on error)."""
+    model = make_tiny_model(tiny_tokenizer)
+    before = torch.get_num_threads()
+    seen = []
+    choose = sampling._choose
+
+    def spy(*args, **kw):
+        seen.append(torch.get_num_threads())
+        if kw.get("temperature") == 0.5 and len(seen) > 2:
+            raise RuntimeError("boom")
+        return choose(*args, **kw)
+
+    monkeypatch.setattr(sampling, "_choose", spy)
+    try:
+        torch.set_num_threads(2)
+        generate(
+            model, tiny_tokenizer, prompt_ids, max_new_tokens=4, generator=torch.Generator().manual_seed(0)
+        )
+        assert seen == [1, 1, 1, 1]  # every token choice runs inside the one-thread decode loop
+        assert torch.get_num_threads() == 2
+        seen.clear()
+        with pytest.raises(RuntimeError, match="boom"):  # a failure inside the decode loop
+            generate(model, tiny_tokenizer, prompt_ids, max_new_tokens=4, temperature=0.5)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

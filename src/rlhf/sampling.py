@@ -16,7 +16,9 @@ equal `token_logprobs` of one full forward pass over the finished sequences at t
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,22 +166,37 @@ def _choose(
     top_p: float,
     greedy: bool,
     generator: torch.Generator | None,
+    scaled: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token (B,), log-prob (B,)) from last-position logits (B, V): un-truncated log_softmax at `temperature`."""
-    scaled = logits.float()
-    if temperature != 1.0:
-        scaled = scaled / temperature
-    logp = torch.log_softmax(scaled, dim=-1)
+    """(token (B,), log-prob (B,)) from last-position logits (B, V): un-truncated log_softmax at `temperature`.
+
+    `scaled=True`: the logits are already divided by the temperature (the fast path folds 1/T into ln_f).
+    """
+    scaled_logits = logits.float()
+    if temperature != 1.0 and not scaled:
+        scaled_logits = scaled_logits / temperature
+    if not greedy and not top_k and top_p >= 1.0:
+        # Plain sampling, the common case: 2 passes over (B, V) (softmax, cumsum) instead of 4 (log_softmax, exp,
+        # cumsum, and the division above, which the fast path never does). Inverse-CDF sampling draws one uniform
+        # number per row; Gumbel-max or torch.multinomial draw B x V random numbers, the costliest part of a CPU
+        # decode step after the GEMMs. log(p) of a sampled token is exact to float rounding: a token is only
+        # sampled with non-negligible probability, far from float underflow.
+        probs = torch.softmax(scaled_logits, dim=-1)
+        token = _inverse_cdf(probs.cumsum(-1), generator)
+        return token, probs.gather(-1, token.unsqueeze(-1)).squeeze(-1).log()
+    logp = torch.log_softmax(scaled_logits, dim=-1)
     if greedy:
-        token = scaled.argmax(-1)
+        token = scaled_logits.argmax(-1)
     else:
-        # Inverse-CDF sampling: one uniform number per row instead of one per vocabulary entry (Gumbel-max or
-        # torch.multinomial draw B x V random numbers, the costliest part of a CPU decode step after the GEMMs).
-        cdf = _filter(logp, top_k, top_p).exp().cumsum_(-1)  # (B, V), unnormalised after filtering
-        u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
-        # right=True: the first token whose cumulative mass exceeds u, so a zero-probability token is never chosen
-        token = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+        token = _inverse_cdf(_filter(logp, top_k, top_p).exp().cumsum_(-1), generator)
     return token, logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+
+
+def _inverse_cdf(cdf: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """The first token whose cumulative mass (B, V), possibly unnormalised, exceeds one uniform draw per row."""
+    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device, dtype=cdf.dtype) * cdf[:, -1:]
+    # right=True: the first token whose cumulative mass exceeds u, so a zero-probability token is never chosen
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
 
 def _filter(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -196,6 +213,17 @@ def _filter(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logp = logp.masked_fill(drop, -math.inf)
     return logp
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """Run the block with `n` intra-op threads, then restore the process-wide setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _left_pad(prompts: list[list[int]], pad: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -277,6 +305,9 @@ class _FastGPT2:
         "relu": F.relu,
     }
 
+    # decode steps with batch x n_embd up to this run on one thread (tiny: 16 x 256, small: 16 x 384)
+    SINGLE_THREAD_WIDTH = 16 * 1024
+
     @classmethod
     def supports(cls, model: Any) -> bool:
         config = getattr(model, "config", None)
@@ -289,8 +320,12 @@ class _FastGPT2:
     def __init__(self, model: Any, bf16: bool = False):
         config = model.config
         self.dtype = torch.bfloat16 if bf16 else model.lm_head.weight.dtype
+        # The KV cache and attention stay in the model's dtype: bf16 pays off in the weight GEMMs, while the
+        # batched single-query attention GEMMs run 2.5x slower in bf16 on CPU (measured: 230 vs 89 us per layer).
+        self.cache_dtype = model.lm_head.weight.dtype
         self.device = model.lm_head.weight.device
         self.n_head = config.n_head
+        self.width = config.n_embd
         self.head_dim = config.n_embd // config.n_head
         self.eps = config.layer_norm_epsilon
         self.act = self.ACTIVATIONS[config.activation_function]
@@ -336,51 +371,59 @@ class _FastGPT2:
             keys = cache[0, :, :, :end].reshape(heads, end, self.head_dim)
             values = cache[1, :, :, :end].reshape(heads, end, self.head_dim)
             scores = torch.baddbmm(
-                mask.expand(batch, self.n_head, 1, end).reshape(heads, 1, end),
-                qkv[0].reshape(heads, 1, self.head_dim),
+                mask.flatten(0, 1),  # (B, H, 1, end) -> (B*H, 1, end): a view, the bias is stored per head
+                qkv[0].to(cache.dtype).reshape(heads, 1, self.head_dim),
                 keys.transpose(1, 2),
                 alpha=layer["scale"],
             )
-            att = torch.bmm(scores.softmax(-1), values).view(batch, width)
+            att = torch.bmm(scores.softmax(-1), values).view(batch, width).to(x.dtype)
         else:
             att = F.scaled_dot_product_attention(
-                qkv[0], cache[0, :, :, :end], cache[1, :, :, :end], attn_mask=mask, scale=layer["scale"]
+                qkv[0].to(cache.dtype),
+                cache[0, :, :, :end],
+                cache[1, :, :, :end],
+                attn_mask=mask,
+                scale=layer["scale"],
             )
-            att = att.transpose(1, 2).reshape(-1, width)
+            att = att.transpose(1, 2).reshape(-1, width).to(x.dtype)
         x = x + torch.addmm(layer["proj"][0], att, layer["proj"][1]).view(batch, seq, width)
         h = F.layer_norm(x, (width,), *layer["ln_2"], self.eps).view(-1, width)
         h = self.act(torch.addmm(layer["fc"][0], h, layer["fc"][1]))
         return x + torch.addmm(layer["out"][0], h, layer["out"][1]).view(batch, seq, width)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x, (x.shape[-1],), *self.ln_f, self.eps)
+    def _logits(self, x: torch.Tensor, ln_f: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x = F.layer_norm(x, (x.shape[-1],), *ln_f, self.eps)
         return x @ self.head_t if self.head_t is not None else F.linear(x, self.head)
 
     def decode(self, prompts: list[list[int]], *, max_new: int, eos: int, pad: int, **choice: Any):
         """(tokens (B, t), logprobs (B, t)) with -1 where a row was no longer generating."""
+        # logits / T == (ln_f with weight and bias / T) @ head: the temperature costs no (B, V) pass per step.
+        ln_f = tuple(w / choice["temperature"] for w in self.ln_f)
         ids, mask = _left_pad(prompts, pad, self.device)
         batch, plen = ids.shape
         total = plen + max_new
         n_layer = len(self.layers)
         cache = torch.empty(
-            (n_layer, 2, batch, self.n_head, total, self.head_dim), dtype=self.dtype, device=self.device
+            (n_layer, 2, batch, self.n_head, total, self.head_dim), dtype=self.cache_dtype, device=self.device
         )
         # Additive key mask, built once: -inf on left padding. Query rows of padding attend to themselves only
         # (their output is never used, but a fully masked row would give NaN).
-        key_bias = torch.zeros((batch, 1, 1, total), dtype=self.dtype, device=self.device)
+        key_bias = torch.zeros((batch, 1, 1, total), dtype=self.cache_dtype, device=self.device)
         key_bias[:, :, :, :plen].masked_fill_(mask[:, None, None, :] == 0, -math.inf)
+        # one row per head, so the decode step reads it as a (B*H, 1, S) view instead of expanding it per layer
+        key_bias = key_bias.expand(batch, self.n_head, 1, total).contiguous()
         causal = torch.ones((plen, plen), dtype=torch.bool, device=self.device).tril()
         allowed = (causal[None] & (mask[:, None, :] == 1)) | torch.eye(
             plen, dtype=torch.bool, device=self.device
         )
-        prefill_mask = torch.zeros((batch, 1, plen, plen), dtype=self.dtype, device=self.device)
+        prefill_mask = torch.zeros((batch, 1, plen, plen), dtype=self.cache_dtype, device=self.device)
         prefill_mask.masked_fill_(~allowed[:, None], -math.inf)
 
         positions = position_ids_for(mask)
         x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
         for layer, layer_cache in zip(self.layers, cache):
             x = self._block(x, layer, layer_cache, slice(0, plen), prefill_mask)
-        logits = self._logits(x[:, -1])
+        logits = self._logits(x[:, -1], ln_f)
         # Positional rows of every step, gathered once: row i's t-th response token sits at position len_i + t.
         step_pos = mask.sum(1)[None, :] + torch.arange(max_new, device=self.device)[:, None]  # (T, B)
         step_pe = F.embedding(step_pos.clamp(max=self.wpe.shape[0] - 1), self.wpe)  # (T, B, C)
@@ -388,27 +431,32 @@ class _FastGPT2:
         rows = torch.arange(batch, device=self.device)  # original row of each active row
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for t in range(max_new):
-            token, lp = _choose(logits, **choice)
-            steps.append((rows, token, lp))
-            done = done | (token == eos)
-            n_done = int(done.sum())
-            if t == max_new - 1 or n_done == done.shape[0]:
-                break
-            if (
-                n_done and n_done * 4 >= done.shape[0]
-            ):  # drop finished rows once they are a quarter of the batch
-                keep = (~done).nonzero().squeeze(1)
-                rows, token, done = rows[keep], token[keep], done[keep]
-                cache = cache.index_select(2, keep)
-                key_bias = key_bias.index_select(0, keep)
-                step_pe = step_pe.index_select(1, keep)
-            slot = slice(plen + t, plen + t + 1)
-            x = (F.embedding(token, self.wte) + step_pe[t])[:, None]  # (B, 1, C)
-            mask_t = key_bias[..., : slot.stop]
-            for layer, layer_cache in zip(self.layers, cache):
-                x = self._block(x, layer, layer_cache, slot, mask_t)
-            logits = self._logits(x[:, 0])
+        # A decode step at small width is a chain of tiny ops (16 x 256 GEMMs, layer norms on 16 rows): each
+        # fork/join of the intra-op thread pool costs more than the op, and on a busy machine the second thread
+        # waits for a time slice at every op (measured here: 2 threads 10x slower than 1 under load). Prefill
+        # keeps the caller's threads; the user's setting is restored on the way out.
+        with _threads(1 if batch * self.width <= self.SINGLE_THREAD_WIDTH else torch.get_num_threads()):
+            for t in range(max_new):
+                token, lp = _choose(logits, **choice, scaled=True)
+                steps.append((rows, token, lp))
+                done = done | (token == eos)
+                n_done = int(done.sum())
+                if t == max_new - 1 or n_done == done.shape[0]:
+                    break
+                if (
+                    n_done and n_done * 4 >= done.shape[0]
+                ):  # drop finished rows once they are a quarter of the batch
+                    keep = (~done).nonzero().squeeze(1)
+                    rows, token, done = rows[keep], token[keep], done[keep]
+                    cache = cache.index_select(2, keep)
+                    key_bias = key_bias.index_select(0, keep)
+                    step_pe = step_pe.index_select(1, keep)
+                slot = slice(plen + t, plen + t + 1)
+                x = (F.embedding(token, self.wte) + step_pe[t])[:, None]  # (B, 1, C)
+                mask_t = key_bias[..., : slot.stop]
+                for layer, layer_cache in zip(self.layers, cache):
+                    x = self._block(x, layer, layer_cache, slot, mask_t)
+                logits = self._logits(x[:, 0], ln_f)
 
         tokens = torch.full((batch, len(steps)), -1, dtype=torch.long, device=self.device)
         logprobs = torch.zeros((batch, len(steps)), dtype=torch.float32, device=self.device)
