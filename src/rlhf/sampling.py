@@ -95,13 +95,20 @@ def generate(
         eos=int(tokenizer.eos_token_id),
         pad=int(tokenizer.pad_token_id),
     )
-    decoder = _FastGPT2(model, bf16) if fast and _FastGPT2.supports(model) else None
+    use_fast = fast and _FastGPT2.supports(model)
     step = batch_size or len(prompt_ids)
+    # A decode step at small width is a chain of tiny ops (16 x 256 GEMMs, layer norms on 16 rows): each fork/join
+    # of the intra-op thread pool costs more than the op, and on a busy machine the second thread waits for a time
+    # slice at every op (measured here under load: the 16 x 256 x 8192 head GEMM takes 1.7 ms on 1 thread, 32 ms
+    # on 2). So the fast path runs small batches on one thread: the weight set-up and the prefill too (one forward,
+    # a few % of the call). The caller's setting is restored on the way out.
+    small = use_fast and min(step, len(prompt_ids)) * model.config.n_embd <= _FastGPT2.SINGLE_THREAD_WIDTH
     tokens, logprobs = [], []
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with _threads(1 if small else torch.get_num_threads()), torch.inference_mode():
+            decoder = _FastGPT2(model, bf16) if use_fast else None
             for start in range(0, len(prompt_ids), step):
                 chunk = prompt_ids[start : start + step]
                 if decoder is not None:
@@ -325,7 +332,6 @@ class _FastGPT2:
         self.cache_dtype = model.lm_head.weight.dtype
         self.device = model.lm_head.weight.device
         self.n_head = config.n_head
-        self.width = config.n_embd
         self.head_dim = config.n_embd // config.n_head
         self.eps = config.layer_norm_epsilon
         self.act = self.ACTIVATIONS[config.activation_function]
@@ -431,32 +437,27 @@ class _FastGPT2:
         rows = torch.arange(batch, device=self.device)  # original row of each active row
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        # A decode step at small width is a chain of tiny ops (16 x 256 GEMMs, layer norms on 16 rows): each
-        # fork/join of the intra-op thread pool costs more than the op, and on a busy machine the second thread
-        # waits for a time slice at every op (measured here: 2 threads 10x slower than 1 under load). Prefill
-        # keeps the caller's threads; the user's setting is restored on the way out.
-        with _threads(1 if batch * self.width <= self.SINGLE_THREAD_WIDTH else torch.get_num_threads()):
-            for t in range(max_new):
-                token, lp = _choose(logits, **choice, scaled=True)
-                steps.append((rows, token, lp))
-                done = done | (token == eos)
-                n_done = int(done.sum())
-                if t == max_new - 1 or n_done == done.shape[0]:
-                    break
-                if (
-                    n_done and n_done * 4 >= done.shape[0]
-                ):  # drop finished rows once they are a quarter of the batch
-                    keep = (~done).nonzero().squeeze(1)
-                    rows, token, done = rows[keep], token[keep], done[keep]
-                    cache = cache.index_select(2, keep)
-                    key_bias = key_bias.index_select(0, keep)
-                    step_pe = step_pe.index_select(1, keep)
-                slot = slice(plen + t, plen + t + 1)
-                x = (F.embedding(token, self.wte) + step_pe[t])[:, None]  # (B, 1, C)
-                mask_t = key_bias[..., : slot.stop]
-                for layer, layer_cache in zip(self.layers, cache):
-                    x = self._block(x, layer, layer_cache, slot, mask_t)
-                logits = self._logits(x[:, 0], ln_f)
+        for t in range(max_new):
+            token, lp = _choose(logits, **choice, scaled=True)
+            steps.append((rows, token, lp))
+            done = done | (token == eos)
+            n_done = int(done.sum())
+            if t == max_new - 1 or n_done == done.shape[0]:
+                break
+            if (
+                n_done and n_done * 4 >= done.shape[0]
+            ):  # drop finished rows once they are a quarter of the batch
+                keep = (~done).nonzero().squeeze(1)
+                rows, token, done = rows[keep], token[keep], done[keep]
+                cache = cache.index_select(2, keep)
+                key_bias = key_bias.index_select(0, keep)
+                step_pe = step_pe.index_select(1, keep)
+            slot = slice(plen + t, plen + t + 1)
+            x = (F.embedding(token, self.wte) + step_pe[t])[:, None]  # (B, 1, C)
+            mask_t = key_bias[..., : slot.stop]
+            for layer, layer_cache in zip(self.layers, cache):
+                x = self._block(x, layer, layer_cache, slot, mask_t)
+            logits = self._logits(x[:, 0], ln_f)
 
         tokens = torch.full((batch, len(steps)), -1, dtype=torch.long, device=self.device)
         logprobs = torch.zeros((batch, len(steps)), dtype=torch.float32, device=self.device)
