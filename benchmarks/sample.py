@@ -117,16 +117,22 @@ def main() -> None:
     for preset in ("tiny", "small"):
         rows += bench(preset, tokenizer, repeats, args.quick)
     print(table(rows, ["preset", "sampler", "new tokens", "median s", "new tok/s", "CPU ms/tok"]))
-    for preset in (
-        "tiny",
-        "small",
-    ):  # CPU-time ratios: less sensitive to a busy machine than the wall-time RESULT
-        by = {r[1]: r[5] for r in rows if r[0] == preset}
+    # ratios less sensitive to a busy machine than the wall-time RESULT lines
+    for preset in ("tiny", "small"):
+        by = {r[1]: r for r in rows if r[0] == preset}
+        ours32, ours16 = by["ours, fast path (fp32)"], by["ours, fast path (bf16)"]
         base = by["model.generate (fp32)"]
         print(
             f"{preset}: CPU time per token, model.generate / ours: "
-            f"fp32 {base / by['ours, fast path (fp32)']:.2f}x, bf16 {base / by['ours, fast path (bf16)']:.2f}x"
+            f"fp32 {base[5] / ours32[5]:.2f}x, bf16 {base[5] / ours16[5]:.2f}x"
         )
+        if "model.generate (fp32, 1 thread)" in by:
+            one = by["model.generate (fp32, 1 thread)"]
+            print(
+                f"{preset}: against model.generate on 1 thread (what the leaner step gives alone): tok/s "
+                f"fp32 {ours32[4] / one[4]:.2f}x, bf16 {ours16[4] / one[4]:.2f}x; CPU time per token "
+                f"fp32 {one[5] / ours32[5]:.2f}x, bf16 {one[5] / ours16[5]:.2f}x"
+            )
     for preset in ("tiny", "small"):
         by = {r[1]: r[4] for r in rows if r[0] == preset}
         result(

@@ -6,8 +6,10 @@ per-token log-probs of the sampled tokens under the sampling temperature, and wh
 Two decode paths give the same distribution:
 - GPT-2-family weights (our presets, any `GPT2LMHeadModel`) run through a plain-torch decoder that reads the model's
   own weights: a preallocated static KV cache, one additive padding mask built once, positional rows gathered once,
-  SDPA attention, inverse-CDF sampling, and finished rows dropped from the batch. It is a few times faster than
-  `model.generate` on CPU because a decode step there is dominated by per-op overhead, not arithmetic.
+  batched-GEMM attention for the single query row, the temperature folded into the final layer norm, inverse-CDF
+  sampling (softmax + cumsum: two passes over the vocabulary), finished rows dropped from the batch, and small
+  batches run on one intra-op thread. It is a few times faster than `model.generate` on CPU because a decode step
+  there is dominated by per-op overhead (most of it thread-pool fork/join around tiny ops), not arithmetic.
 - Any other causal LM runs a generic loop over the model's `past_key_values`.
 
 Log-probs are `log_softmax(logits / temperature)` of the sampled token, before any top-k/top-p filtering, so they
@@ -64,6 +66,8 @@ def generate(
 
     `batch_size` splits a long prompt list into chunks. `bf16` runs the fast path's matmuls in bfloat16 (about 2x on
     CPUs with AVX512-BF16; log-probs then carry bf16 rounding). `fast=False` forces the generic Hugging Face loop.
+    The fast path runs small batches (batch x n_embd <= 16k) with one intra-op thread: `torch.set_num_threads` is
+    process-wide, so another Python thread running torch work meanwhile runs on one thread too; it is restored after.
     """
     if not prompt_ids:
         raise UserError("no prompts to sample from")
