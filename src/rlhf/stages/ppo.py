@@ -68,7 +68,14 @@ class KLConfig:
 class PPOConfig(StageConfig):
     """PPO of the SFT policy against a reward model (see `rlhf ppo --help`)."""
 
-    model: ModelConfig = option(ModelConfig(), "the SFT policy (model.path); also the frozen reference")
+    model: ModelConfig = option(
+        ModelConfig(), "the policy to start from (model.path); also the reference by default"
+    )
+    reference: str = option(
+        "",
+        "frozen KL reference folder; empty = model.path (set it to the SFT model when a later loop round "
+        "starts PPO from the previous round's policy)",
+    )
     reward_model: str = option("", "trained reward model folder (rlhf reward's model/)")
     value_model: str = option("", "folder to start the value model from; empty = the reward model")
     value_head: str = option(
@@ -167,7 +174,9 @@ def load_models(config: PPOConfig, checkpoint: Path | None, with_reward: bool) -
 
     if not config.model.path:
         raise UserError("config field 'model.path': PPO starts from a trained SFT model folder")
-    ref, tokenizer = load_policy(config.model.path, config.model.tokenizer)
+    ref, tokenizer = load_policy(
+        config.reference or config.model.path, config.model.tokenizer or config.model.path
+    )
     policy_src = str(checkpoint / "policy") if checkpoint else config.model.path
     policy, _ = load_policy(policy_src, config.model.tokenizer or config.model.path)
     policy.eval()  # dropout off everywhere: eval mode stays on while training
@@ -448,6 +457,8 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
     from rlhf.modeling import local_path
 
     local_path(config.model.path or "(model.path not set)", "SFT policy (model.path)")
+    if config.reference:
+        local_path(config.reference, "KL reference model (reference)")
     if score_fn is None:
         local_path(config.reward_model or "(reward_model not set)", "reward model (reward_model)")
     prompts = read_prompts(config.prompts)  # bad input fails before the run folder is touched
