@@ -14,14 +14,12 @@ every ranking (ties give none) as TRL-style pairs.
 
 from __future__ import annotations
 
-import gzip
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
-from rlhf.data.records import Comparison, ranking_pairs, read_comparisons, write_jsonl
+from rlhf.data.records import Comparison, ranking_pairs, read_comparisons, read_jsonl, write_jsonl
 from rlhf.data.template import format_prompt
 from rlhf.errors import UserError
 
@@ -32,25 +30,8 @@ HUMAN_TURN = "\n\nHuman: "
 
 
 def iter_json_lines(path: str | Path, what: str = "comparisons") -> Iterator[tuple[int, dict]]:
-    """(line number, object) of a JSONL file, gzip-compressed when it ends in .gz; errors name file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{what} file not found: {path}")
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rt", encoding="utf-8") as handle:
-            for lineno, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise UserError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-                yield lineno, obj
-    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
-        raise UserError(f"{path}: cannot read ({exc})") from None
+    """(line number, object) of a JSONL file (.gz too); errors name file and line."""
+    return read_jsonl(path, what)
 
 
 def split_transcript(text: str) -> tuple[str, str] | None:

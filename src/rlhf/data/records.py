@@ -9,6 +9,7 @@ Formats are documented in docs/formats.md:
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -105,12 +106,14 @@ def ranks_from_scores(scores: list[float]) -> list[int]:
 
 
 def read_jsonl(path: str | Path, what: str = "records") -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line raises naming the file and line."""
+    """(line number, object) for each non-blank line, gzip-compressed when the name ends in .gz; a bad line
+    raises naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
+    opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with open(path, encoding="utf-8") as handle:
+        with opener(path, "rt", encoding="utf-8") as handle:
             for lineno, line in enumerate(handle, 1):
                 if not line.strip():
                     continue
@@ -123,6 +126,8 @@ def read_jsonl(path: str | Path, what: str = "records") -> Iterator[tuple[int, d
                 yield lineno, obj
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (gzip.BadGzipFile, EOFError) as exc:
+        raise UserError(f"{path}: cannot read ({exc})") from None
 
 
 def write_jsonl(path: str | Path, rows: Iterable[Any]) -> int:
