@@ -35,7 +35,8 @@ import torch
 
 from rlhf import eval_metrics as em
 from rlhf.config import StageConfig, option
-from rlhf.data.records import Response, SampleRecord, read_comparisons, read_jsonl, write_jsonl
+from rlhf.data.demonstrations import read_prompts as read_prompt_file
+from rlhf.data.records import Response, SampleRecord, read_comparisons, write_jsonl
 from rlhf.errors import UserError
 from rlhf.stagecli import parse_stage_args
 from rlhf.tracking import MetricsLogger, progress, read_metrics, start_run
@@ -136,11 +137,10 @@ def _weights_digest(folder: Path) -> str:
 
 
 def read_prompts(path: str | Path, limit: int) -> list[tuple[str, str]]:
-    rows = [
-        (str(o.get("prompt_id", n)), o["prompt"]) for n, o in read_jsonl(path, "prompts") if "prompt" in o
-    ]
+    """The first `limit` (prompt_id, prompt) pairs of a prompt file (any format `rlhf sample` reads)."""
+    rows = read_prompt_file(path)
     if not rows:
-        raise UserError(f"{path}: no line has a 'prompt' field")
+        raise UserError(f"{path}: no prompts")
     return rows[:limit]
 
 

@@ -586,40 +586,16 @@ def _prompt_index(position: int, n: int, seed: int) -> int:
 
 
 def read_prompts(path: str) -> list[str]:
-    """Prompts from JSONL ({"prompt"} records; demonstration formats through rlhf.data.demonstrations when it
-    is there) or plain text (one prompt per non-empty line)."""
-    import json
-
-    from rlhf.modeling import local_path
+    """Prompt texts from any file `rlhf sample` reads (rlhf.data.demonstrations.read_prompts)."""
+    from rlhf.data.demonstrations import read_prompts as read_prompt_file
 
     if not path:
         raise UserError(
             "config field 'prompts': give a prompt file (JSONL with a 'prompt' field, or plain lines)"
         )
-    file = local_path(path, "prompt file")
-    lines = file.read_text(encoding="utf-8").splitlines()
-    if not file.suffix.lower().startswith(".json"):
-        prompts = [line.strip() for line in lines if line.strip()]
-    else:
-        prompts = []
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{file}:{number}: not valid JSON ({exc.msg})") from None
-            if isinstance(record, dict) and isinstance(record.get("prompt"), str):
-                prompts.append(record["prompt"])
-                continue
-            try:
-                from rlhf.data.demonstrations import read_demonstrations
-            except ImportError:
-                raise UserError(f"{file}:{number}: no 'prompt' field") from None
-            prompts = [d.prompt for d in read_demonstrations(file)]
-            break
+    prompts = [text for _, text in read_prompt_file(path)]
     if not prompts:
-        raise UserError(f"{file}: no prompts")
+        raise UserError(f"{path}: no prompts")
     return prompts
 
 
