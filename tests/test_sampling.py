@@ -232,3 +232,21 @@ def test_decode_restores_the_thread_setting(tiny_tokenizer, prompt_ids, monkeypa
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_token_logprobs_from_start_equals_the_sliced_full_pass(tiny_tokenizer, prompt_ids):
+    """`start` computes the LM head on fewer positions only; the values are those of the full pass, sliced."""
+    model = make_tiny_model(tiny_tokenizer)
+    gen = generate(
+        model, tiny_tokenizer, prompt_ids, max_new_tokens=6, generator=torch.Generator().manual_seed(1)
+    )
+    ids, mask, start = join_prompt_response(
+        prompt_ids, gen.response_ids, gen.response_mask, tiny_tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        full = token_logprobs(model, ids, mask, temperature=0.9)
+        cut = token_logprobs(model, ids, mask, temperature=0.9, start=start - 1)
+    assert cut.shape == (ids.shape[0], ids.shape[1] - start)
+    torch.testing.assert_close(cut, full[:, start - 1 :])
+    with pytest.raises(ValueError):
+        token_logprobs(model, ids, mask, start=ids.shape[1] - 1)

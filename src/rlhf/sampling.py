@@ -156,14 +156,29 @@ def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_logprobs(
-    model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, temperature: float = 1.0
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    start: int = 0,
 ) -> torch.Tensor:
-    """(B, L-1) log-prob of input_ids[:, 1:] under one forward pass at `temperature` (gradients flow if enabled)."""
+    """(B, L-1-start) log-prob of input_ids[:, start+1:] under one forward pass at `temperature` (gradients flow).
+
+    `start` skips the first predicted positions: only the LM head over the last L-1-start positions is computed
+    (`logits_to_keep`), which is most of the cost of a forward pass over prompt + response for a small model. With
+    the `join_prompt_response` layout, `start = response_start - 1` gives exactly the response tokens' log-probs.
+    """
+    length = input_ids.shape[1]
+    if not 0 <= start < length - 1:
+        raise ValueError(f"start must be in [0, {length - 1}), got {start}")
     logits = model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_for(attention_mask)
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        logits_to_keep=length - start,  # positions start .. L-1; the last one predicts nothing
     ).logits[:, :-1]
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return logp.gather(-1, input_ids[:, start + 1 :].unsqueeze(-1)).squeeze(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
