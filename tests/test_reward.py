@@ -253,3 +253,70 @@ def test_bad_inputs_are_clear_errors(tiny_checkpoint, tmp_path, restore_threads)
         run(_config(tmp_path, tiny_checkpoint, long_prompt))
     with pytest.raises(UserError, match="model.path"):
         load_config(RewardConfig, None, [f"comparisons={gap}"])
+
+
+def test_lora_rm_trains_adapters_and_head_only_merges_to_a_plain_rm_and_resumes(
+    tiny_checkpoint, tmp_path, restore_threads
+):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.losses import ranking_loss
+    from rlhf.stages.reward import _start_model, _tokenize, batch_scores
+
+    data = tmp_path / "c.jsonl"
+    _planted_comparisons(data, 32)
+    args = ("lora.enabled=true", "lora.r=4", "lora.alpha=8", "lr=2e-2", "epochs=2", "val_fraction=0.25")
+    config = _config(tmp_path, tiny_checkpoint, data, *args, "ckpt_every=3", "threads=1")
+    # 1. In pieces: only the adapters and the new score head train; the merged folder is a plain RM that scores
+    #    exactly like the adapters did.
+    rm = _start_model(config, None)
+    trainable = [n for n, p in rm.model.named_parameters() if p.requires_grad]
+    assert all("lora_" in n or "score" in n for n in trainable) and any("score" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in rm.model.named_parameters() if not p.requires_grad}
+    head = rm.trunk_and_head()[1].weight.detach().clone()
+    rankings = _tokenize(rm, json_comparisons(data), "c", rm.context)[:8]
+    opt = torch.optim.AdamW([p for p in rm.model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss, _ = ranking_loss(*batch_scores(rm, rankings, bf16=False))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name, p in rm.model.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+    assert not torch.equal(rm.trunk_and_head()[1].weight, head)
+    assert any(p.abs().sum() > 0 for n, p in rm.model.named_parameters() if "lora_B" in n)
+    rm.model.eval()
+    ids, mask = rm.pad([s for r in rankings for s in r.sequences])
+    with torch.no_grad():
+        unmerged = rm.raw_scores(ids, mask)
+    rm.merge_lora()
+    folder = rm.save(tmp_path / "merged")
+    assert not (folder / "adapter_config.json").exists()
+    plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    assert not any("lora" in k or "modules_to_save" in k for k in plain.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(
+            plain(input_ids=ids, attention_mask=mask).logits.squeeze(-1), unmerged, atol=1e-5
+        )
+        assert torch.allclose(RewardModel.load(folder).raw_scores(ids, mask), unmerged, atol=1e-5)
+    # 2. `rlhf reward lora.enabled=true`: checkpoints hold adapters (+ head); killed after step 3 and resumed, the
+    #    merged final RM equals the uninterrupted run's.
+    summary = run(config)
+    stage = tmp_path / "runs/demo/reward"
+    assert (stage / "checkpoints/step-0000003/adapter_config.json").exists()
+    assert summary["steps"] == 6 and not (Path(summary["model"]) / "adapter_config.json").exists()
+    final = {n: p.detach().clone() for n, p in RewardModel.load(summary["model"]).model.named_parameters()}
+    shutil.rmtree(stage / "model")
+    run(_config(tmp_path, tiny_checkpoint, data, *args, "ckpt_every=3", "threads=1", "resume=true"))
+    for name, p in RewardModel.load(summary["model"]).model.named_parameters():
+        assert torch.allclose(p, final[name], atol=1e-6), name
+    assert (
+        summary["val_accuracy"] > 0.7
+    )  # 8 held-out rankings (32 pairs), 6 steps: the adapters learned (0.78)
+
+
+def json_comparisons(path):
+    from rlhf.data.records import read_comparisons
+
+    return read_comparisons(path)

@@ -10,7 +10,8 @@ module only maps a stage config onto it and keeps the rules in one place:
 - only the main process writes the run folder (config, log, metrics, checkpoints, final model).
 
 Stage config fields read here (all optional, with these defaults): `device` ("cpu"), `bf16` (False),
-`gradient_checkpointing` (False), `num_processes` (1), `accelerate_config` ("").
+`gradient_checkpointing` (False), `num_processes` (1), `accelerate_config` (""). `TrainingStageConfig` declares
+them (and `lora`) once for the stages that inherit it; the keys are the same flat names every stage used.
 """
 
 from __future__ import annotations
@@ -22,14 +23,32 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from rlhf.config import StageConfig, option
 from rlhf.errors import UserError
+from rlhf.lora import LoraSettings
 
 log = logging.getLogger("rlhf")
+
+
+@dataclass
+class TrainingStageConfig(StageConfig):
+    """The switches every training stage shares (docs/scaling.md): precision, memory, processes, LoRA."""
+
+    bf16: bool = option(False, "bf16 autocast for forward/backward; weights and optimizer state stay fp32")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, more time")
+    num_processes: int = option(
+        1, "data-parallel processes: >1 re-launches through `accelerate launch`", low=1
+    )
+    accelerate_config: str = option(
+        "", "accelerate config file for the re-launch (configs/accelerate/*.yaml)"
+    )
+    lora: LoraSettings = option(LoraSettings(), "LoRA adapters (PEFT) instead of full fine-tuning")
 
 
 def launched_by_accelerate() -> bool:
@@ -189,15 +208,21 @@ class _GatheredModel:
         self.model.save_pretrained(folder, state_dict=self.state_dict, **kwargs)
 
 
-def savable(accelerator: Any, model: Any) -> Any:
+def savable(accelerator: Any, model: Any, inner: str = "") -> Any:
     """What to hand to `save_checkpoint`/`save_hf`. Under FSDP or DeepSpeed the shards are gathered into a full
-    state dict first: a collective, so EVERY rank must call this; only the main process then saves."""
+    state dict first: a collective, so EVERY rank must call this; only the main process then saves.
+
+    `inner` names the attribute holding the Hugging Face model when the prepared module wraps one (the reward
+    stage prepares its whole `RewardModel`, whose `.model` is what gets saved)."""
     from accelerate.utils import DistributedType
 
     plain = unwrap(accelerator, model)
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
-        return _GatheredModel(plain, accelerator.get_state_dict(model))
-    return plain
+        state = accelerator.get_state_dict(model)
+        if inner:
+            state = {k[len(inner) + 1 :]: v for k, v in state.items() if k.startswith(inner + ".")}
+        return _GatheredModel(getattr(plain, inner) if inner else plain, state)
+    return getattr(plain, inner) if inner else plain
 
 
 @contextlib.contextmanager

@@ -142,15 +142,10 @@ class RewardModel(torch.nn.Module):
     def raw_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B,) un-normalised scores, with grad; read at the last real token whatever the padding side."""
         attention_mask = attention_mask.to(input_ids.device)
-        trunk = self.model.base_model
-        head = getattr(self.model, "score", None)
+        trunk, head = self.trunk_and_head()
         position_ids = position_ids_from_mask(attention_mask)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         last = last_token_index(attention_mask)
-        if head is None:
-            raise UserError(
-                f"unsupported reward model architecture {type(self.model).__name__}: no 'score' head"
-            )
         hidden = trunk(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, L, d)
@@ -174,7 +169,7 @@ class RewardModel(torch.nn.Module):
             p_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             p_mask[i, width - len(p) :] = 1
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
-        trunk = self.model.base_model
+        trunk, head = self.trunk_and_head()
         cache = trunk(
             input_ids=p_ids,
             attention_mask=p_mask,
@@ -200,7 +195,38 @@ class RewardModel(torch.nn.Module):
             use_cache=True,
         ).last_hidden_state  # (N, R, d)
         rows = torch.arange(len(responses), device=device)
-        return self.model.score(hidden[rows, lengths - 1]).squeeze(-1).float()  # (N,)
+        return head(hidden[rows, lengths - 1]).squeeze(-1).float()  # (N,)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        prompts: list[list[int]] | None = None,
+        responses: list[list[int]] | None = None,
+        owner: list[int] | None = None,
+    ) -> torch.Tensor:
+        """`raw_scores(input_ids, attention_mask)`, or `shared_prompt_scores(prompts, responses, owner)` when
+        prompts are given. Training calls the RM through here so a DDP/FSDP wrapper of the whole RewardModel
+        sees the forward pass (its gradient all-reduce is armed by the wrapper's forward)."""
+        if prompts is not None:
+            return self.shared_prompt_scores(prompts, responses or [], owner or [])
+        return self.raw_scores(input_ids, attention_mask)
+
+    def trunk_and_head(self) -> tuple[Any, Any]:
+        """(the transformer trunk returning hidden states, the scalar `score` head), also under LoRA (PEFT)."""
+        model = self.model
+        if hasattr(model, "get_base_model"):  # a PeftModel: adapters live inside the base model's layers
+            model = model.get_base_model()
+        head = getattr(model, "score", None)
+        if head is None:
+            raise UserError(f"unsupported reward model architecture {type(model).__name__}: no 'score' head")
+        return model.base_model, head
+
+    def merge_lora(self) -> None:
+        """Fold LoRA adapters (and the trained head) into plain weights, so `save` writes a plain RM folder."""
+        if hasattr(self.model, "merge_and_unload"):
+            self.model = self.model.merge_and_unload()
 
     def normalise(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw - self.shift) * self.gain

@@ -16,32 +16,33 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from rlhf.checkpoint import latest_checkpoint, load_state, save_checkpoint
-from rlhf.config import ModelConfig, StageConfig, option
+from rlhf.config import ModelConfig, option
 from rlhf.data.comparisons import read_any_comparisons
 from rlhf.data.records import Comparison, read_samples
 from rlhf.data.template import encode_prompt, encode_response
+from rlhf.distributed import TrainingStageConfig
 from rlhf.errors import UserError
 from rlhf.losses import ranking_loss, ranking_pair_mask
 from rlhf.modeling import autocast
 from rlhf.reward_model import RewardModel, reward_model_from_causal_lm
 from rlhf.stagecli import parse_stage_args
-from rlhf.tracking import MetricsLogger, log, progress, start_run, truncate_metrics
+from rlhf.tracking import log, progress, truncate_metrics
 
 CALIBRATION_BINS = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
 @dataclass
-class RewardConfig(StageConfig):
-    """Train a reward model from ranked comparisons."""
+class RewardConfig(TrainingStageConfig):
+    """Train a reward model from ranked comparisons (`bf16`, `gradient_checkpointing`, `num_processes`, `lora.*`:
+    see TrainingStageConfig and docs/scaling.md)."""
 
     POSITIONAL: ClassVar[tuple[str, ...]] = ("comparisons",)
 
@@ -60,16 +61,17 @@ class RewardConfig(StageConfig):
     lr: float = option(1e-4, "peak learning rate (AdamW)", low=0.0)
     weight_decay: float = option(0.0, "AdamW weight decay", low=0.0)
     warmup_steps: int = option(10, "linear warm-up steps, then linear decay to 0", low=0)
-    batch_size: int = option(8, "rankings per optimizer step (all C(K,2) pairs of each)", low=1)
+    batch_size: int = option(8, "rankings per optimizer step and process (all C(K,2) pairs of each)", low=1)
     max_length: int = option(0, "longest prompt+response in tokens; 0 = the model's context", low=0)
     long_prompts: str = option(
         "error", "a prompt that leaves no room for a response within max_length", choices=("error", "skip")
     )
     margin: float = option(0.0, "margin m in -log sigmoid(r_w - r_l - m)")
     max_grad_norm: float = option(1.0, "gradient clipping; 0 = off", low=0.0)
-    bf16: bool = option(False, "bf16 autocast for forward/backward (weights stay fp32)")
     share_prompt: bool = option(
-        True, "forward each ranking's prompt once, shared by its K responses (KV cache)"
+        True,
+        "forward each ranking's prompt once, shared by its K responses (KV cache); off while training with "
+        "gradient_checkpointing (no cache there)",
     )
     attention: str = option(
         "auto",
@@ -190,10 +192,12 @@ def set_attention(rm: RewardModel, kind: str, device: str) -> None:
 
 
 def batch_scores(
-    rm: RewardModel, batch: list[Ranking], bf16: bool, share_prompt: bool = True
+    rm: RewardModel, batch: list[Ranking], bf16: bool, share_prompt: bool = True, forward: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, K) raw scores (0 in padded slots) and ranks of a batch of rankings; each response is forwarded once,
-    and with `share_prompt` each ranking's prompt once (its K responses attend to one cached prompt pass)."""
+    and with `share_prompt` each ranking's prompt once (its K responses attend to one cached prompt pass).
+    `forward` is the RM as Accelerate prepared it (DDP...); default `rm` itself."""
+    forward = forward if forward is not None else rm
     k = max(len(r.ranks) for r in batch)
     ranks = torch.zeros((len(batch), k), dtype=torch.long)
     slots = []
@@ -202,13 +206,13 @@ def batch_scores(
         slots.extend(b * k + i for i in range(len(ranking.ranks)))
     with autocast(bf16, str(rm.device)):
         if share_prompt and all(r.prompt_len for r in batch):
-            flat = rm.shared_prompt_scores(
-                [r.sequences[0][: r.prompt_len] for r in batch],
-                [seq[r.prompt_len :] for r in batch for seq in r.sequences],
-                [b for b, r in enumerate(batch) for _ in r.sequences],
+            flat = forward(
+                prompts=[r.sequences[0][: r.prompt_len] for r in batch],
+                responses=[seq[r.prompt_len :] for r in batch for seq in r.sequences],
+                owner=[b for b, r in enumerate(batch) for _ in r.sequences],
             )
         else:
-            flat = rm.raw_scores(*rm.pad([seq for r in batch for seq in r.sequences]))  # (N,)
+            flat = forward(*rm.pad([seq for r in batch for seq in r.sequences]))  # (N,)
     index = torch.tensor(slots, device=flat.device)
     scores = torch.zeros(ranks.numel(), dtype=flat.dtype, device=flat.device).index_put((index,), flat)
     return scores.view(ranks.shape), ranks.to(flat.device)
@@ -331,20 +335,40 @@ def _schedule(step: int, warmup: int, total: int) -> float:
     return max(0.0, (total - step) / max(1, total - warmup))
 
 
+def _start_model(config: RewardConfig, ckpt: Any) -> RewardModel:
+    """The RM to train: a fresh head on `model.path`'s trunk (or a trained RM), LoRA adapters when asked, and the
+    newest checkpoint's weights when resuming (full weights, or adapters + head under LoRA)."""
+    from rlhf.lora import apply_lora, load_adapter_checkpoint
+
+    if ckpt and not config.lora.enabled:
+        return RewardModel.load(ckpt)
+    rm = reward_model_from_causal_lm(config.model.path, config.model.tokenizer)
+    rm.model = apply_lora(rm.model, config.lora)  # trains the adapters and the (new) score head
+    if ckpt:
+        load_adapter_checkpoint(rm.model, ckpt)
+    return rm
+
+
 def run(config: RewardConfig) -> dict:
-    out = start_run(config, "reward")
-    device = torch.device(config.device)
+    from rlhf import distributed as dist
+
+    accelerator = dist.build_accelerator(config)
+    world = accelerator.num_processes
+    out = dist.start_run_on_main(accelerator, config, "reward")
+    device = accelerator.device
     train_records, val_records = split(config)
     ckpt = latest_checkpoint(out) if config.resume else None
     if config.resume and ckpt is None:
         log.info("resume: no checkpoint in %s, starting fresh", out)
-    rm = (
-        RewardModel.load(ckpt)
-        if ckpt
-        else reward_model_from_causal_lm(config.model.path, config.model.tokenizer)
-    )
+    rm = _start_model(config, ckpt)
     rm.to(device)
-    set_attention(rm, config.attention, config.device)
+    set_attention(rm, config.attention, str(device))
+    share_prompt = config.share_prompt
+    if config.gradient_checkpointing:
+        dist.enable_gradient_checkpointing(rm.model)
+        if share_prompt:
+            log.info("gradient_checkpointing: training forwards whole sequences (no shared prompt cache)")
+            share_prompt = False
     max_length = min(config.max_length or rm.context, rm.context)
     train = _tokenize(rm, train_records, "training comparisons", max_length, config.long_prompts)
     val = (
@@ -352,8 +376,14 @@ def run(config: RewardConfig) -> dict:
         if val_records
         else []
     )
+    # A step takes `batch_size` rankings per process: global batches of batch_size x world, each rank its slice.
+    global_batch = config.batch_size * world
+    steps_per_epoch = len(train) // global_batch + (
+        len(train) % global_batch >= world
+    )  # a tail feeds every rank
+    if steps_per_epoch == 0:
+        raise UserError(f"{len(train)} training rankings cannot feed {world} processes: lower num_processes")
     pairs_per_epoch = sum(len(r.sequences) * (len(r.sequences) - 1) // 2 for r in train)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total = config.max_steps or config.epochs * steps_per_epoch
     log.info(
         "%d training rankings (K = %s, up to %d pairs per epoch), %d held out; %d steps of %d rankings",
@@ -362,10 +392,11 @@ def run(config: RewardConfig) -> dict:
         pairs_per_epoch,
         len(val),
         total,
-        config.batch_size,
+        global_batch,
     )
-    decay = [p for n, p in rm.model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in rm.model.named_parameters() if p.ndim < 2]
+    params = [(n, p) for n, p in rm.model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr,
@@ -380,63 +411,91 @@ def run(config: RewardConfig) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step = state["step"]
-        truncate_metrics(out / "metrics.jsonl", step)
+        if accelerator.is_main_process:
+            truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s at step %d", ckpt, step)
-    metrics_log = MetricsLogger(out)
-    bar = progress(total, "reward", initial=step)
+    # The whole RewardModel goes to Accelerate: its forward (raw or shared-prompt scores) runs inside the wrapper.
+    forward, optimizer = accelerator.prepare(rm, optimizer)  # the scheduler stays out: one step per step
+    metrics_log = dist.metrics_logger(accelerator, out)
+    bar = progress(total, "reward", initial=step) if accelerator.is_main_process else None
     rm.model.train()
     order: list[int] = []
     val_metrics: dict = {}
+
+    def save(at: int) -> None:
+        part = dist.savable(accelerator, forward, inner="model")
+        if accelerator.is_main_process:
+            save_checkpoint(
+                out,
+                at,
+                {"": (part, rm.tokenizer)},
+                {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+            )
+        accelerator.wait_for_everyone()
+
     try:
         while step < total:
             epoch, position = divmod(step, steps_per_epoch)
             if position == 0 or not order:
                 order = list(range(len(train)))
                 random.Random(config.seed * 1000 + epoch).shuffle(order)
-            batch = [
-                train[i] for i in order[position * config.batch_size : (position + 1) * config.batch_size]
-            ]
-            scores, ranks = batch_scores(rm, batch, config.bf16, config.share_prompt)
+            batch = [train[i] for i in order[position * global_batch : (position + 1) * global_batch]]
+            mine = dist.rank_split(batch, accelerator) if world > 1 else batch
+            scores, ranks = batch_scores(rm, mine, config.bf16, share_prompt, forward)
             loss, stats = ranking_loss(scores, ranks, config.margin)
+            # Every ranking weighs the same in the global mean: DDP averages the ranks' gradients, so a rank's
+            # mean over its rankings is scaled by (its rankings x world / all rankings): 1 for equal shares.
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            accelerator.backward(loss * (len(mine) * world / len(batch)))
             grad_norm = (
-                torch.nn.utils.clip_grad_norm_(rm.model.parameters(), config.max_grad_norm)
+                accelerator.clip_grad_norm_(rm.model.parameters(), config.max_grad_norm)
                 if config.max_grad_norm
                 else torch.tensor(0.0)
             )
             optimizer.step()
             scheduler.step()
             step += 1
+            local = torch.stack(
+                [
+                    loss.detach().double() * len(mine),
+                    stats["accuracy"].double() * stats["pairs"],
+                    stats["margin"].double() * stats["pairs"],
+                    stats["pairs"].double(),
+                ]
+            )
+            summed = dist.sum_across(accelerator, local.cpu()).tolist()
             row = {
-                "train/loss": loss.item(),
-                "train/accuracy": stats["accuracy"].item(),
-                "train/margin": stats["margin"].item(),
-                "train/pairs": stats["pairs"].item(),
+                "train/loss": summed[0] / len(batch),
+                "train/accuracy": summed[1] / max(summed[3], 1.0),
+                "train/margin": summed[2] / max(summed[3], 1.0),
+                "train/pairs": summed[3],
                 "train/grad_norm": float(grad_norm),
                 "train/lr": scheduler.get_last_lr()[0],
                 "train/epoch": step / steps_per_epoch,
             }
             if val and config.eval_every and step % config.eval_every == 0 and step < total:
-                val_metrics, _ = evaluate(rm, val, config)
-                row.update(val_metrics)
-                log.info(
-                    "step %d: val accuracy %.3f margin %.3f",
-                    step,
-                    val_metrics["val/accuracy"],
-                    val_metrics["val/margin"],
-                )
+                if accelerator.is_main_process:  # one rank evaluates (plain model, no collective)
+                    val_metrics, _ = evaluate(rm, val, config)
+                    row.update(val_metrics)
+                    log.info(
+                        "step %d: val accuracy %.3f margin %.3f",
+                        step,
+                        val_metrics["val/accuracy"],
+                        val_metrics["val/margin"],
+                    )
+                accelerator.wait_for_everyone()
             metrics_log.log(step, row)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{row['train/loss']:.3f}", acc=f"{row['train/accuracy']:.2f}")
             if config.ckpt_every and step % config.ckpt_every == 0 and step < total:
-                save_checkpoint(
-                    out,
-                    step,
-                    {"": (rm.model, rm.tokenizer)},
-                    {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-                )
-        bar.close()
+                save(step)
+        if bar is not None:
+            bar.close()
+        rm.merge_lora()  # plain weights from here on (adapters and head folded in)
+        if not accelerator.is_main_process:  # one writer: evaluation, normalisation, the final model
+            accelerator.wait_for_everyone()
+            return {"model": str(out / "model"), "steps": step}
         table: list[dict] = []
         if val:
             val_metrics, table = evaluate(rm, val, config)
@@ -464,6 +523,7 @@ def run(config: RewardConfig) -> dict:
     finally:
         metrics_log.close()
     log.info("reward model saved to %s", model_dir)
+    accelerator.wait_for_everyone()
     return {
         "model": str(model_dir),
         "val_accuracy": val_metrics.get("val/accuracy"),
@@ -482,6 +542,12 @@ def main(argv: list[str]) -> int:
     )
     if config is None:
         return 0
+    from rlhf.distributed import relaunch
+
+    code = relaunch(config, "reward", argv)
+    if code is not None:
+        return code
     summary = run(config)
-    print(json.dumps(summary, indent=2))  # noqa: T201
+    if "val_accuracy" in summary:  # the main process reports; other ranks return a path only
+        print(json.dumps(summary, indent=2))  # noqa: T201
     return 0
