@@ -17,6 +17,7 @@ There is no peer for this: the RESULT lines compare with the issue's targets (>=
 from __future__ import annotations
 
 import argparse
+import asyncio
 import http.client
 import json
 import multiprocessing
@@ -29,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -66,8 +66,8 @@ def prepare(db: Path, items: int, clients: int) -> list[str]:
 
 
 class Server:
-    def __init__(self, db: Path, port: int, synchronous: str):
-        self.db, self.port, self.synchronous, self.proc = db, port, synchronous, None
+    def __init__(self, db: Path, port: int, synchronous: str, cpu: int | None = None):
+        self.db, self.port, self.synchronous, self.cpu, self.proc = db, port, synchronous, cpu, None
 
     def start(self) -> None:
         cmd = [
@@ -85,6 +85,8 @@ class Server:
         ]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+        if self.cpu is not None:
+            os.sched_setaffinity(self.proc.pid, {self.cpu})
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -113,64 +115,73 @@ class Server:
             self.proc.wait(timeout=20)
 
 
-class Annotator(threading.Thread):
-    """Loops: submit a random ranking of the current item, take the next one from the answer."""
+class Annotator:
+    """One simulated annotator on its own keep-alive connection: submit a random ranking of the current item, take
+    the next one from the answer. The client speaks just enough HTTP/1.1 (one request at a time, Content-Length
+    bodies), so the load generator spends little CPU per request and leaves the cores to the server."""
 
     def __init__(self, n: int, token: str, port: int, stop_at: float, interval: float = 0.0):
-        super().__init__(daemon=True)
         self.n, self.port, self.stop_at, self.interval = n, port, stop_at, interval
-        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.head = f"Host: 127.0.0.1\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\n"
         self.latencies: list[float] = []
         self.acked: dict[str, int] = {}  # submission id -> item id
         self.retries = 0
-        self.conn = None
+        self.reader = self.writer = None
         self.rng = random.Random(n)
 
-    def call(self, method: str, path: str, body: dict | None = None) -> dict:
+    async def call(self, method: str, path: str, body: dict | None = None) -> dict:
         """One request; on a dropped connection (server killed) retry the SAME request until it answers."""
-        payload = None if body is None else json.dumps(body)
+        payload = b"" if body is None else json.dumps(body).encode()
+        request = (
+            f"{method} {path} HTTP/1.1\r\n{self.head}Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
         give_up = time.time() + 120
         while True:
             if time.time() > give_up:
                 raise RuntimeError(f"{method} {path}: no answer for 120 s")
             try:
-                if self.conn is None:
-                    self.conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-                self.conn.request(method, path, payload, self.headers)
-                response = self.conn.getresponse()
-                raw = response.read()
-                if response.status >= 500:
-                    raise ConnectionError(f"{response.status}")
+                if self.writer is None:
+                    self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+                self.writer.write(request)
+                head = await self.reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+                raw = await self.reader.readexactly(length)
+                if status >= 500:
+                    raise ConnectionError(f"{status}")
                 data = json.loads(raw)
-                if response.status != 200:
-                    raise RuntimeError(f"{method} {path}: {response.status} {data}")
+                if status != 200:
+                    raise RuntimeError(f"{method} {path}: {status} {data}")
                 return data
-            except (OSError, http.client.HTTPException, ConnectionError):
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, IndexError, ValueError):
                 self.retries += 1
-                if self.conn is not None:
-                    self.conn.close()
-                self.conn = None
-                time.sleep(0.05)
+                if self.writer is not None:
+                    self.writer.close()
+                self.reader = self.writer = None
+                await asyncio.sleep(0.05)
 
-    def run(self) -> None:
-        item = self.call("GET", "/api/next")["item"]
+    async def run(self) -> None:
+        item = (await self.call("GET", "/api/next"))["item"]
         count = 0
         due = time.perf_counter() + self.rng.random() * self.interval  # paced clients start out of phase
         while item is not None and time.time() < self.stop_at:
             ranks = self.rng.sample(range(1, K + 1), K)
             sid = f"c{self.n}-{count}-{self.rng.getrandbits(32):08x}"
             if self.interval:  # open loop: latency counts from when the submit was due, so queueing shows
-                time.sleep(max(0.0, due - time.perf_counter()))
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
                 start, due = due, due + self.interval
             else:
                 start = time.perf_counter()
-            answer = self.call(
+            answer = await self.call(
                 "POST", f"/api/items/{item['id']}/submit", {"submission_id": sid, "ranks": ranks}
             )
             self.latencies.append(time.perf_counter() - start)
             assert answer["annotation"]["submission_id"] == sid
             self.acked[sid] = item["id"]
             item, count = answer["next"], count + 1
+        if self.writer is not None:
+            self.writer.close()
 
 
 def count_check(db: Path, acked: dict[str, int]) -> dict:
@@ -187,16 +198,25 @@ def count_check(db: Path, acked: dict[str, int]) -> dict:
     return {"rows": len(rows), "acked": len(acked), "lost": lost, "duplicates": duplicate_ids + over_full}
 
 
-def client_process(ns: list[int], tokens: list[str], port: int, stop_at: float, interval: float, out) -> None:
-    """One load-generator process: a thread per annotator in `ns`; sends back latencies, acks and retries."""
+def client_process(
+    ns: list[int], tokens: list[str], port: int, stop_at: float, interval: float, cpu: int | None, out
+) -> None:
+    """One load-generator process: an asyncio task per annotator in `ns`; sends back latencies, acks, retries."""
+    if cpu is not None:
+        os.sched_setaffinity(0, {cpu})
     workers = [Annotator(n, tokens[n], port, stop_at, interval) for n in ns]
-    [w.start() for w in workers]
-    [w.join() for w in workers]
+
+    async def main() -> None:
+        await asyncio.gather(*(w.run() for w in workers))
+
+    cpu_at_start = time.process_time()
+    asyncio.run(main())
     out.put(
         (
             [x for w in workers for x in w.latencies],
             {sid: item for w in workers for sid, item in w.acked.items()},
             sum(w.retries for w in workers),
+            time.process_time() - cpu_at_start,
         )
     )
 
@@ -208,13 +228,17 @@ def load(
     items: int,
     synchronous: str = "normal",
     rate: float = 0,
-    procs: int = 2,
+    procs: int = 1,
+    pin: bool = True,
 ) -> dict:
-    """One run; `rate` > 0 paces the clients to that many submits/s in all (0: as fast as they can)."""
+    """One run; `rate` > 0 paces the clients to that many submits/s in all (0: as fast as they can). `pin`: the
+    server runs on CPU 0 and the clients on the other CPUs (when there are 2 or more)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    pin = pin and len(cpus) >= 2
     with tempfile.TemporaryDirectory() as tmp:
         db = Path(tmp) / "feedback.db"
         tokens = prepare(db, items, clients)
-        server = Server(db, free_port(), synchronous)
+        server = Server(db, free_port(), synchronous, cpus[0] if pin else None)
         server.start()
         cpu_at_start = server.cpu_seconds()  # imports and migrations are not the submits' cost
         ctx = multiprocessing.get_context("fork")
@@ -223,9 +247,12 @@ def load(
             stop_at = time.time() + seconds
             interval = clients / rate if rate else 0.0
             groups = [list(range(clients))[p::procs] for p in range(procs)]
+            client_cpus = [cpus[1 + p % (len(cpus) - 1)] if pin else None for p in range(procs)]
             children = [
-                ctx.Process(target=client_process, args=(g, tokens, server.port, stop_at, interval, results))
-                for g in groups
+                ctx.Process(
+                    target=client_process, args=(g, tokens, server.port, stop_at, interval, cpu, results)
+                )
+                for g, cpu in zip(groups, client_cpus)
             ]
             start = time.perf_counter()
             [c.start() for c in children]
@@ -242,15 +269,16 @@ def load(
             server_cpu = server.cpu_seconds() - cpu_at_start if kill_after is None else float("nan")
         finally:
             server.stop()
-        acked = {sid: item for _, part, _ in parts for sid, item in part.items()}
-        latencies = sorted(x for part, _, _ in parts for x in part)
+        acked = {sid: item for _, part, _, _ in parts for sid, item in part.items()}
+        latencies = sorted(x for part, _, _, _ in parts for x in part)
         out = count_check(db, acked)
     out.update(
         per_s=len(acked) / elapsed,
         p50_ms=1000 * statistics.median(latencies),
         p99_ms=1000 * latencies[int(0.99 * (len(latencies) - 1))],
-        retries=sum(r for _, _, r in parts),
+        retries=sum(r for _, _, r, _ in parts),
         cpu_ms=1000 * server_cpu / max(1, len(acked)),
+        client_cpu_ms=1000 * sum(c for _, _, _, c in parts) / max(1, len(acked)),
         restart_s=restart_s,
     )
     return out

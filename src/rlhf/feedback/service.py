@@ -392,7 +392,8 @@ def save_draft(db: Session, user: Actor, item_id: int, fb: FeedbackIn) -> Annota
         raise Invalid(f"field 'correction.index' is {fb.correction.index}; the item has {k} responses")
     ann.feedback = feedback_dict(fb)
     ann.updated_at = utcnow()
-    db.commit()
+    with _writer(db):
+        db.commit()
     return ann
 
 

@@ -8,10 +8,17 @@ SQLite (the embedded default) runs in WAL mode. Durability, precisely:
 - `synchronous=FULL` (`rlhf label serve --synchronous full`): COMMIT also fsyncs the WAL, so an acknowledged submit
   survives a power cut too; it costs one fsync per write (0.2 ms on an idle SSD, 6+ ms on a busy shared disk).
 PostgreSQL works through a `postgresql+psycopg://` URL (its default synchronous_commit=on is power-safe).
+
+The server (`rlhf label serve`) turns SQLite's automatic WAL checkpoint off on its own connections and runs PASSIVE
+checkpoints in a background thread instead (`WalCheckpointer`): an automatic checkpoint runs inside the COMMIT of
+whichever request crosses 1000 WAL pages, copying ~4 MB into the database file while every other writer waits.
+Checkpoints only move committed pages from the WAL into the database file, so durability is the same either way.
 """
 
 from __future__ import annotations
 
+import sqlite3
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -135,7 +142,9 @@ SYNCHRONOUS = ("normal", "full")
 MAX_REQUESTS = 64  # requests the server handles at once (more get 503): bounds PostgreSQL connections
 
 
-def make_engine(db: str | None, synchronous: str = "normal") -> Engine:
+def make_engine(db: str | None, synchronous: str = "normal", background_checkpoints: bool = False) -> Engine:
+    """`background_checkpoints`: SQLite only; this engine's connections never checkpoint the WAL themselves (the
+    caller runs a `WalCheckpointer`)."""
     url = make_url(database_url(db))
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
@@ -155,6 +164,8 @@ def make_engine(db: str | None, synchronous: str = "normal") -> Engine:
             cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
+            if background_checkpoints:
+                cursor.execute("PRAGMA wal_autocheckpoint=0")
             cursor.close()
 
         return engine
@@ -178,9 +189,45 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
-def open_database(db: str | None, synchronous: str = "normal") -> tuple[Engine, sessionmaker]:
+class WalCheckpointer(threading.Thread):
+    """PASSIVE checkpoints of a SQLite WAL every `every` seconds, on its own connection, off the request path.
+
+    PASSIVE never waits for readers or writers: it copies what it can while requests keep committing (SQLite
+    releases the GIL while it works). `stop()` runs a last checkpoint and truncates the WAL."""
+
+    def __init__(self, engine: Engine, synchronous: str = "normal", every: float = 0.25):
+        super().__init__(name="wal-checkpointer", daemon=True)
+        self.path, self.synchronous, self.every = engine.url.database, synchronous, every
+        self.checkpoints = 0  # that copied pages (for tests and curiosity)
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        conn = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
+            while not self._stop_event.wait(self.every):
+                self._checkpoint(conn, "PASSIVE")
+            self._checkpoint(conn, "TRUNCATE")
+        finally:
+            conn.close()
+
+    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> None:
+        try:
+            _busy, _log, copied = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        except sqlite3.Error:  # the database is busy or gone: try again next time
+            return
+        self.checkpoints += copied > 0
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join(timeout=30)
+
+
+def open_database(
+    db: str | None, synchronous: str = "normal", background_checkpoints: bool = False
+) -> tuple[Engine, sessionmaker]:
     """Engine + session factory of a migrated database."""
-    engine = make_engine(db, synchronous)
+    engine = make_engine(db, synchronous, background_checkpoints)
     try:
         migrate(engine)
     except (DBAPIError, OSError) as exc:  # a server that is down, a file we cannot write
