@@ -12,6 +12,11 @@ The story of one run:
 
 `resume=true` restarts from the newest checkpoint: on CPU in fp32 the continued run is bit-identical to an
 uninterrupted one (same weights, optimizer moments, schedule position and data order).
+
+Scaling switches (docs/scaling.md): `num_processes=N` (or `accelerate launch -m rlhf pretrain`) is data parallel:
+`batch_size` is per process, every rank draws the same global batch of batch_size x N windows and trains on its
+slice, so N x b makes the optimizer steps of 1 x N*b. `lora.enabled=true` trains adapters only (rarely useful for
+pre-training: mostly for continued pre-training of a big model on new text); `gradient_checkpointing`, `bf16`.
 """
 
 from __future__ import annotations
@@ -28,10 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rlhf.checkpoint import latest_checkpoint, load_state, save_checkpoint, save_hf
-from rlhf.config import ModelConfig, StageConfig, option
+from rlhf import distributed as dist
+from rlhf.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from rlhf.config import ModelConfig, option
 from rlhf.data.corpus import read_corpus, split_corpus
+from rlhf.distributed import TrainingStageConfig
 from rlhf.errors import UserError
+from rlhf.lora import merge_and_save
 from rlhf.modeling import (
     autocast,
     build_model,
@@ -43,7 +51,7 @@ from rlhf.modeling import (
     train_tokenizer,
 )
 from rlhf.stagecli import parse_stage_args
-from rlhf.tracking import MetricsLogger, log, progress, stage_dir, start_run, truncate_metrics
+from rlhf.tracking import log, progress, stage_dir, truncate_metrics
 
 STAGE = "pretrain"
 DEFAULT_CORPUS = "data/corpus/children_stories_5books.txt"
@@ -51,7 +59,7 @@ ADAM_BETAS = (0.9, 0.95)  # beta2 = 0.95 as in GPT-3 / nanoGPT: steadier with sm
 
 
 @dataclass
-class PretrainConfig(StageConfig):
+class PretrainConfig(TrainingStageConfig):
     POSITIONAL = ("data",)
 
     model: ModelConfig = option(ModelConfig(), "model to train (built from a preset, or a local checkpoint)")
@@ -60,7 +68,7 @@ class PretrainConfig(StageConfig):
         0.05, "share of the corpus held out for validation, in contiguous pieces", low=0.01, high=0.5
     )
     block_size: int = option(128, "tokens per training window (at most the model's context)", low=8)
-    batch_size: int = option(16, "windows per micro-batch", low=1)
+    batch_size: int = option(16, "windows per micro-batch and process", low=1)
     grad_accum: int = option(1, "micro-batches per optimizer step", low=1)
     max_steps: int = option(1000, "optimizer steps", low=1)
     lr: float = option(1e-3, "peak learning rate", low=0.0)
@@ -72,7 +80,6 @@ class PretrainConfig(StageConfig):
     eval_every: int = option(100, "steps between validation passes (and one at the end)", low=1)
     eval_batches: int = option(8, "validation micro-batches per pass (fewer if the split is smaller)", low=1)
     checkpoint_every: int = option(200, "steps between checkpoints; 0 = only at the end", low=0)
-    bf16: bool = option(False, "bf16 autocast for forward/backward (weights and optimizer stay fp32)")
     sample_prompt: str = option("Once upon a time", "prompt continued by the final model; empty = none")
     sample_tokens: int = option(60, "tokens generated for the final sample", low=1)
     sample_temperature: float = option(0.8, "temperature of the final sample; 0 = greedy", low=0.0)
@@ -219,23 +226,31 @@ def _tokenizer(config: PretrainConfig, train_docs: list[str], ckpt: Path | None)
 
 
 def _model(config: PretrainConfig, tokenizer: Any, ckpt: Path | None) -> Any:
-    """The checkpoint's model when resuming, else `model.path`, else a fresh `model.preset`."""
+    """The checkpoint's model when resuming, else `model.path`, else a fresh `model.preset`. With LoRA the base is
+    always `model.path` (or the preset, built from the same seed) and a checkpoint holds only the adapters."""
+    from rlhf.lora import apply_lora, load_adapter_checkpoint
+
     m = config.model
-    if ckpt is not None or m.path:
-        model = load_causal_lm(ckpt or m.path)
+    full_ckpt = ckpt if not config.lora.enabled else None
+    if full_ckpt is not None or m.path:
+        model = load_causal_lm(full_ckpt or m.path)
     else:
         model = build_model(m.preset, tokenizer, context=m.context, dropout=m.dropout)
     resize_for_tokenizer(model, tokenizer)
+    model = apply_lora(model, config.lora)
+    if ckpt is not None and config.lora.enabled:
+        load_adapter_checkpoint(model, ckpt)
     return model
 
 
-def _save_final(model: Any, tokenizer: Any, folder: Path) -> None:
+def _save_final(model: Any, tokenizer: Any, folder: Path) -> Any:
     """Write the final model next to its destination, then swap it in (a kill never leaves half a model)."""
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    save_hf(model, tokenizer, tmp)
+    model = merge_and_save(model, tokenizer, tmp)  # LoRA adapters folded in: a plain HF checkpoint
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
+    return model
 
 
 @torch.no_grad()
@@ -262,6 +277,8 @@ def sample_text(model: Any, tokenizer: Any, prompt: str, tokens: int, temperatur
 def run(config: PretrainConfig) -> dict:
     """Pre-train and return {"model": folder, "val_loss", "val_ppl", "unigram_loss", "steps", "sample", ...}."""
     started = time.perf_counter()
+    accelerator = dist.build_accelerator(config)
+    world = accelerator.num_processes
     split = split_corpus(read_corpus(config.data), config.val_fraction)
     out = stage_dir(config, STAGE)
     ckpt = latest_checkpoint(out) if config.resume else None
@@ -281,7 +298,7 @@ def run(config: PretrainConfig) -> dict:
             "(raise val_fraction, lower block_size, or add text)"
         )
 
-    out = start_run(config, STAGE)  # seeds the RNGs: the model is built after this
+    out = dist.start_run_on_main(accelerator, config, STAGE)  # seeds the RNGs: the model is built after this
     if config.resume and ckpt is None:
         log.info("resume: no checkpoint in %s, starting fresh", out / "checkpoints")
     model = _model(config, tokenizer, ckpt)
@@ -289,7 +306,9 @@ def run(config: PretrainConfig) -> dict:
         raise UserError(
             f"config field 'block_size': {block} exceeds the model's context {context_length(model)}"
         )
-    device = config.device
+    if config.gradient_checkpointing:
+        dist.enable_gradient_checkpointing(model)
+    device = str(accelerator.device)
     model.to(device).train()
     log.info(
         "corpus: %d train documents (%d chars, %d tokens), %d validation documents (%d chars, %d tokens)",
@@ -305,7 +324,8 @@ def run(config: PretrainConfig) -> dict:
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     sampler = WindowSampler(train_tokens, block, config.seed)
-    val = val_windows(val_tokens, block, config.eval_batches * config.batch_size)
+    global_batch = config.batch_size * world  # every rank draws the same global batch and keeps its slice
+    val = val_windows(val_tokens, block, config.eval_batches * global_batch)
     step, loss_sum, loss_count = 0, 0.0, 0
     if ckpt is not None:
         state = load_state(ckpt)  # also restores the python/numpy/torch RNGs
@@ -313,28 +333,45 @@ def run(config: PretrainConfig) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["data"])
         step, loss_sum, loss_count = state["step"], state["loss_sum"], state["loss_count"]
-        truncate_metrics(out / "metrics.jsonl", step)
+        if accelerator.is_main_process:
+            truncate_metrics(out / "metrics.jsonl", step)
         log.info("resumed from %s (step %d)", ckpt, step)
 
-    metrics = MetricsLogger(out)
+    metrics = dist.metrics_logger(accelerator, out)
     unigram = unigram_loss(train_tokens, val[:, 1:], len(tokenizer))
     val_loss = float("nan")
+
+    def validate() -> float:
+        """The held-out loss, computed by the main process on the plain model (the others wait)."""
+        loss = 0.0  # not NaN on the other ranks: NaN below means "never measured" on every rank alike
+        if accelerator.is_main_process:
+            loss = evaluate(dist.unwrap(accelerator, model), val, config.batch_size, config.bf16, device)
+        accelerator.wait_for_everyone()
+        return loss
+
     if step == 0:
-        val_loss = evaluate(model, val, config.batch_size, config.bf16, device)
+        val_loss = validate()
         metrics.log(0, {"val/loss": val_loss, "val/ppl": math.exp(val_loss), "val/unigram_loss": unigram})
         log.info(
             "step 0: val loss %.3f; unigram baseline %.3f (ppl %.1f)", val_loss, unigram, math.exp(unigram)
         )
 
-    tokens_per_step = config.batch_size * config.grad_accum * block
-    bar = progress(config.max_steps, STAGE, initial=step)
+    model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler stays out: one step per step
+    tokens_per_step = global_batch * config.grad_accum * block
+    bar = progress(config.max_steps, STAGE, initial=step) if accelerator.is_main_process else None
     window_start, window_steps = time.perf_counter(), 0
     while step < config.max_steps:
-        for _ in range(config.grad_accum):
-            loss = lm_loss(model, sampler.next_batch(config.batch_size), config.bf16, device)
-            (loss / config.grad_accum).backward()
+        for j in range(config.grad_accum):
+            windows = sampler.next_batch(global_batch)
+            if world > 1:
+                rank = accelerator.process_index  # this rank's contiguous share (equal sizes)
+                windows = windows[rank * config.batch_size : (rank + 1) * config.batch_size]
+            # DDP averages the ranks' gradients: equal shares make it the mean over the whole global batch
+            with dist.maybe_no_sync(accelerator, model, sync=j == config.grad_accum - 1):
+                loss = lm_loss(model, windows, config.bf16, device)
+                accelerator.backward(loss / config.grad_accum)
             loss_sum, loss_count = loss_sum + loss.item(), loss_count + 1
-        grad_norm = torch.nn.utils.clip_grad_norm_(
+        grad_norm = accelerator.clip_grad_norm_(
             model.parameters(), config.grad_clip if config.grad_clip > 0 else float("inf")
         )
         lr = optimizer.param_groups[0]["lr"]
@@ -343,13 +380,14 @@ def run(config: PretrainConfig) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
-        bar.update(1)
+        if bar is not None:
+            bar.update(1)
 
         timed_window = True
         if step % config.log_every == 0 or step == config.max_steps:
             seconds = time.perf_counter() - window_start
             tok_s = window_steps * tokens_per_step / max(seconds, 1e-9)
-            train_loss = loss_sum / loss_count
+            train_loss = dist.mean_across(accelerator, {"loss": loss_sum / loss_count})["loss"]
             metrics.log(
                 step,
                 {
@@ -361,11 +399,12 @@ def run(config: PretrainConfig) -> dict:
                     "perf/epoch": sampler.epoch + sampler.pos / max(1, len(train_tokens) // block),
                 },
             )
-            bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
+            if bar is not None:
+                bar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tok_s:,.0f}")
             loss_sum, loss_count = 0.0, 0
             timed_window = False
         if step % config.eval_every == 0 or step == config.max_steps:
-            val_loss = evaluate(model, val, config.batch_size, config.bf16, device)
+            val_loss = validate()
             metrics.log(step, {"val/loss": val_loss, "val/ppl": math.exp(val_loss)})
             timed_window = False
             log.info(
@@ -379,20 +418,28 @@ def run(config: PretrainConfig) -> dict:
                 "loss_sum": loss_sum,
                 "loss_count": loss_count,
             }
-            save_checkpoint(out, step, {"": (model, tokenizer)}, state)
+            part = dist.savable(accelerator, model)
+            if accelerator.is_main_process:
+                save_checkpoint(out, step, {"": (part, tokenizer)}, state)
+            accelerator.wait_for_everyone()
             timed_window = False
         if not timed_window:  # tokens/s counts training time only
             window_start, window_steps = time.perf_counter(), 0
-    bar.close()
+    if bar is not None:
+        bar.close()
 
     if math.isnan(val_loss):  # resumed a finished run: nothing was trained, measure it anyway
-        val_loss = evaluate(model, val, config.batch_size, config.bf16, device)
+        val_loss = validate()
     final = out / "model"
-    _save_final(model, tokenizer, final)
+    part = dist.savable(accelerator, model)
+    if not accelerator.is_main_process:  # one writer; the others are done
+        accelerator.wait_for_everyone()
+        return {"model": str(final), "steps": step}
+    plain = _save_final(part, tokenizer, final)
     sample = ""
     if config.sample_prompt:
         sample = sample_text(
-            model,
+            plain,
             tokenizer,
             config.sample_prompt,
             config.sample_tokens,
@@ -405,6 +452,7 @@ def run(config: PretrainConfig) -> dict:
     log.info(
         "done in %.1f min: val loss %.3f, ppl %.2f; model in %s", minutes, val_loss, math.exp(val_loss), final
     )
+    accelerator.wait_for_everyone()
     return {
         "model": str(final),
         "val_loss": val_loss,
@@ -422,7 +470,12 @@ def main(argv: list[str]) -> int:
     )
     if config is None:
         return 0
+    code = dist.relaunch(config, STAGE, argv)
+    if code is not None:
+        return code
     summary = run(config)
+    if "val_loss" not in summary:  # a non-main rank
+        return 0
     print(  # noqa: T201
         f"val loss {summary['val_loss']:.3f} (ppl {summary['val_ppl']:.2f}; unigram baseline "
         f"{summary['unigram_loss']:.3f}) after {summary['steps']} steps in {summary['minutes']:.1f} min\n"
