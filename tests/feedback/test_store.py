@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import re
+import shutil
+import sqlite3
 import threading
+import time
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import func, select, text
 
-from rlhf.feedback import service
+from rlhf.feedback import hotsql, service
 from rlhf.feedback.schemas import SubmitIn
-from rlhf.feedback.store import Annotation, Base, Item, migrate, open_database
+from rlhf.feedback.store import Annotation, Base, Item, WalCheckpointer, migrate, open_database
 
 from .conftest import make_samples
 
@@ -145,3 +149,66 @@ def test_racing_submits_that_claim_the_next_item_keep_every_submit_and_the_overl
         assert sorted((r.item_id, r.submission_id) for r in rows) == sorted(acked)
         assert {r.status for r in rows} == {"submitted"}
         assert all(item.filled == 2 for item in db.scalars(select(Item)))
+
+
+def _annotator_loop_rows(db_path, runner_cls, monkeypatch) -> list[tuple]:
+    """Claim, submit, skip and replay through the hot path with `runner_cls`; the annotations as stored."""
+    monkeypatch.setattr(service, "runner", runner_cls)
+    engine, sessions = open_database(str(db_path))
+    with sessions() as db:
+        service.import_batch(db, "b", make_samples(n=3), ["ranking", "critique"], overlap=2)
+        user, _ = service.create_annotator(db, "alice")
+        actor = service.Actor(user.id, user.name, user.is_admin)
+        item, ann = service.next_item(db, actor)
+        assert ann.feedback == {} and item.responses[0]["text"].startswith("Story 0 about fox")
+        body = SubmitIn(submission_id="sub-00001", ranks=[2, 1, 3, 3], ties=[[2, 3]], critique="fine <b>")
+        stored, replayed, (nxt, _) = service.submit_and_next(db, actor, item.id, body)
+        assert not replayed and stored.feedback["ties"] == [[2, 3]] and stored.submitted_at is not None
+        assert service.submit_and_next(db, actor, item.id, body)[1]  # a retry is a replay
+        service.submit_and_next(
+            db, actor, nxt.id, SubmitIn(submission_id="sub-00002", skip=True, flags=["unsafe"])
+        )
+    rows = [
+        tuple(
+            re.sub(r"\d", "0", v) if isinstance(v, str) and v[:2] == "20" else v for v in row
+        )  # timestamps: format
+        for row in sqlite3.connect(db_path).execute("SELECT * FROM annotations ORDER BY id").fetchall()
+    ]
+    with sessions() as db:  # the ORM reads what the fast path wrote
+        assert all(a.updated_at.year >= 2024 for a in db.scalars(select(Annotation)))
+    engine.dispose()
+    return rows
+
+
+def test_sqlite_fast_path_stores_exactly_what_sqlalchemy_stores(template_db, tmp_path, monkeypatch):
+    got = {}
+    for runner_cls in (hotsql.CoreRunner, hotsql.SqliteRunner):
+        path = tmp_path / f"{runner_cls.__name__}.db"
+        shutil.copy(template_db, path)
+        got[runner_cls] = _annotator_loop_rows(path, runner_cls, monkeypatch)
+    assert got[hotsql.CoreRunner] == got[hotsql.SqliteRunner]
+    assert len(got[hotsql.SqliteRunner]) == 3  # submitted, skipped, the next claim
+
+
+def test_background_checkpoints_move_the_wal_into_the_database(db_path):
+    engine, sessions = open_database(str(db_path), background_checkpoints=True)
+    with engine.connect() as conn:
+        assert (
+            conn.exec_driver_sql("PRAGMA wal_autocheckpoint").scalar() == 0
+        )  # no checkpoint inside a COMMIT
+    with sessions() as db:
+        service.import_batch(db, "b", make_samples(n=50), ["ranking"])
+    wal = db_path.parent / "feedback.db-wal"
+    assert wal.stat().st_size > 0
+    checkpointer = WalCheckpointer(engine, every=0.01)
+    checkpointer.start()
+    deadline = time.time() + 10
+    while checkpointer.checkpoints == 0 and time.time() < deadline:
+        time.sleep(0.01)
+    checkpointer.stop()
+    assert (
+        checkpointer.checkpoints > 0 and (db_path.parent / "feedback.db-wal").stat().st_size == 0
+    )  # truncated
+    with sessions() as db:
+        assert db.scalar(select(func.count(Item.id))) == 50
+    engine.dispose()

@@ -35,6 +35,7 @@ from rlhf.feedback.checks import (  # noqa: F401 - the errors are part of this m
     check_submit,
     feedback_dict,
 )
+from rlhf.feedback.hotsql import runner
 from rlhf.feedback.schemas import FeedbackIn, SubmitIn
 from rlhf.feedback.store import Annotation, Annotator, Batch, Item, utcnow
 
@@ -208,7 +209,8 @@ def public_item(db: Session, item: Item, ann: Annotation, user: Actor) -> schema
 
 
 # The annotator's loop (next item, submit) runs on every request, so it uses prebuilt SQLAlchemy Core statements
-# on the session's connection and plain row tuples: no ORM identity map, unit of work or attribute events.
+# and plain row tuples: no ORM identity map, unit of work or attribute events; on SQLite they run straight on the
+# DB-API connection (hotsql.py).
 _I, _A, _B = Item.__table__, Annotation.__table__, Batch.__table__
 
 
@@ -294,8 +296,13 @@ def _split(row) -> tuple[ItemRow, AnnotationRow]:
     return ItemRow(*row[:_N_ITEM]), AnnotationRow(*row[_N_ITEM:])
 
 
+def _first(db: Session, stmt, params: dict) -> tuple | None:
+    rows = runner(db).rows(stmt, params)
+    return rows[0] if rows else None
+
+
 def _own(db: Session, user: Actor, item_id: int) -> AnnotationRow | None:
-    row = db.connection().execute(_OWN, {"item_id": item_id, "user": user.id}).first()
+    row = _first(db, _OWN, {"item_id": item_id, "user": user.id})
     return None if row is None else AnnotationRow(*row)
 
 
@@ -309,21 +316,22 @@ def _claim(
     (`commit=False`) without ever aborting it. `empty`: the item was just seen with no slot taken (`filled` == 0), so
     slot 0 is tried without reading the slots (the unique index still decides).
     """
-    conn = db.connection()
-    taken = set() if empty else set(conn.scalars(_SLOTS, {"item_id": item_id}))
+    run = runner(db)
+    taken = set() if empty else {row[0] for row in run.rows(_SLOTS, {"item_id": item_id})}
     slot = next((s for s in range(overlap) if s not in taken), None)
     if slot is None:
         return None
     now = utcnow()
     values = {"item_id": item_id, "annotator_id": user.id, "slot": slot, "status": "draft", "feedback": {}}
-    insert = _INSERT_PG if conn.dialect.name == "postgresql" else _INSERT_SQLITE
+    insert = _INSERT_PG if db.get_bind().dialect.name == "postgresql" else _INSERT_SQLITE
     with _writer(db) if commit else nullcontext():
-        ann_id = conn.scalar(insert, {**values, "created_at": now, "updated_at": now})
-        if ann_id is None:
+        inserted = run.rows(insert, {**values, "created_at": now, "updated_at": now})
+        if not inserted:
             if commit:
                 db.rollback()  # nothing was written
             return None
-        conn.execute(_FILL, {"item_id": item_id, "delta": 1})
+        ann_id = inserted[0][0]
+        run.rowcount(_FILL, {"item_id": item_id, "delta": 1})
         if commit:
             db.commit()
     return AnnotationRow(ann_id, item_id, slot, "draft", {}, None, now, None)
@@ -341,8 +349,8 @@ def next_item(
     if batch_name is not None:
         batches = [batch_info(db, batch_id(db, batch_name))]
     else:
-        batches = [batch_info(db, b) for b in db.connection().scalars(_BATCH_IDS)]
-    draft = db.connection().execute(_DRAFT, {"user": user.id, "batches": [b.id for b in batches]}).first()
+        batches = [batch_info(db, row[0]) for row in runner(db).rows(_BATCH_IDS, {})]
+    draft = _first(db, _DRAFT, {"user": user.id, "batches": tuple(b.id for b in batches)})
     if draft is not None:
         return _split(draft)
     for _attempt in range(5):
@@ -353,18 +361,18 @@ def next_item(
         for item_id, overlap, filled in candidates[start:] + candidates[:start]:
             ann = _claim(db, item_id, overlap, user, empty=filled == 0, commit=commit)
             if ann is not None:
-                return ItemRow(*db.connection().execute(_ITEM, {"item_id": item_id}).one()), ann
+                return ItemRow(*_first(db, _ITEM, {"item_id": item_id})), ann
     raise Conflict("too many annotators are claiming items at once; try again")
 
 
 def _open_items(db: Session, batches: list[BatchInfo], user: Actor) -> list[tuple[int, int, int]]:
     """Up to 16 open items of the first batch that has any: one index range scan per fill level, fullest first."""
-    conn = db.connection()
+    run = runner(db)
     for batch in batches:
         for filled in range(batch.overlap - 1, -1, -1):
-            found = conn.scalars(_OPEN, {"batch": batch.id, "filled": filled, "user": user.id}).all()
+            found = run.rows(_OPEN, {"batch": batch.id, "filled": filled, "user": user.id})
             if found:
-                return [(item_id, batch.overlap, filled) for item_id in found]
+                return [(row[0], batch.overlap, filled) for row in found]
     return []
 
 
@@ -417,7 +425,7 @@ def submit_and_next(
     looked for again after the submit is committed."""
     if next_item_too and batch_name is not None:
         batch_id(db, batch_name)  # an unknown batch is a 404 before anything is written
-    row = db.connection().execute(_ITEM_AND_OWN, {"item_id": item_id, "user": user.id}).first()
+    row = _first(db, _ITEM_AND_OWN, {"item_id": item_id, "user": user.id})
     if row is None:
         raise NotFound(f"item {item_id} does not exist")
     item, ann = _split(row)
@@ -443,10 +451,10 @@ def submit_and_next(
     with _writer(db):
         try:
             # conditional on still being a draft: of two concurrent submits exactly one changes the row
-            conn = db.connection()
-            changed = conn.execute(_SKIP if body.skip else _SUBMIT, {**values, "ann_id": ann.id}).rowcount
+            run = runner(db)
+            changed = run.rowcount(_SKIP if body.skip else _SUBMIT, {**values, "ann_id": ann.id})
             if changed == 1 and body.skip:  # a skip hands the item to someone else: it gives its slot back
-                conn.execute(_FILL, {"item_id": item_id, "delta": -1})
+                run.rowcount(_FILL, {"item_id": item_id, "delta": -1})
             if changed == 1 and next_item_too:
                 try:
                     found = next_item(db, user, batch_name, commit=False)
@@ -460,9 +468,9 @@ def submit_and_next(
         if found is False:
             found = next_item(db, user, batch_name)
         return ann._replace(**values, slot=None if body.skip else ann.slot), False, found
-    stored = db.connection().execute(_BY_SUBMISSION, {"sid": body.submission_id}).first()
+    stored = _first(db, _BY_SUBMISSION, {"sid": body.submission_id})
     db.rollback()  # end the read
-    if stored is not None and stored.id == ann.id:
+    if stored is not None and stored[0] == ann.id:
         return AnnotationRow(*stored), True, next_item(db, user, batch_name) if next_item_too else None
     if stored is not None:
         raise Conflict(f"submission id '{body.submission_id}' was already used for another item")
