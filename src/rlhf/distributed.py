@@ -247,3 +247,46 @@ def replace_folder(src: Path, dst: Path) -> None:
     if dst.exists():
         shutil.rmtree(dst)
     os.replace(src, dst)
+
+
+def all_reduce_gradients(accelerator: Any, params: Any) -> None:
+    """Average the gradients of `params` over ranks in one flat all-reduce (what DDP does in its backward hooks).
+
+    For stages whose forward passes do not go through a DDP wrapper (PPO calls the policy trunk and the sampler's
+    own decoder directly): call it once per optimizer step, after the last micro-batch's backward and before
+    clipping. A parameter without a gradient on this rank counts as zero, so every rank sends the same layout."""
+    if accelerator.num_processes == 1:
+        return
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads]).to(accelerator.device)
+    flat = accelerator.reduce(flat, reduction="mean").cpu()
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset : offset + n].view_as(g).to(dtype=p.dtype, device=p.device)
+        offset += n
+
+
+def check_in_sync(accelerator: Any, params: Any, what: str) -> None:
+    """Raise when ranks hold different weights (a gradient that was not all-reduced). One tiny collective: the
+    float64 sum and sum of squares of the weights, gathered from every rank."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        flat = [p.detach().double().reshape(-1) for p in params]
+        local = torch.stack([sum(f.sum() for f in flat), sum((f * f).sum() for f in flat)])
+    every = accelerator.gather(local.to(accelerator.device).view(1, 2)).cpu()  # (world, 2)
+    if not torch.allclose(every, every[:1].expand_as(every), rtol=1e-9, atol=0.0):
+        raise RuntimeError(f"data-parallel ranks hold different {what} weights: {every.tolist()}")
+
+
+def gather_generator_states(accelerator: Any, generator: torch.Generator) -> list[torch.Tensor]:
+    """Every rank's CPU generator state, rank order (checkpoints of stages whose ranks sample differently)."""
+    state = generator.get_state()
+    if accelerator.num_processes == 1:
+        return [state]
+    every = accelerator.gather(state.to(accelerator.device).view(1, -1)).cpu()
+    return [row.clone() for row in every]

@@ -127,17 +127,20 @@ def reference_logprobs_with_adapters_disabled(model: Any) -> Iterator[Any]:
         peft_model.train(was_training)
 
 
-def merge_and_save(model: Any, tokenizer: Any, folder: str | Path) -> Any:
+def merge_and_save(model: Any, tokenizer: Any, folder: str | Path, keep_adapters: bool = False) -> Any:
     """Save a plain Hugging Face checkpoint (safetensors + tokenizer) loadable without PEFT; return that model.
 
     With adapters, they are folded into the base weights (W + (alpha/r) B A) and removed: `model` must not be
-    trained further afterwards; use the returned plain model. Without adapters this is a plain save.
+    trained further afterwards; use the returned plain model. `keep_adapters=True` merges a copy instead (a
+    snapshot in the middle of training; costs one model's memory while saving). Without adapters: a plain save.
     """
+    import copy
+
     from rlhf.checkpoint import save_hf
 
     model = getattr(model, "module", model)
     if is_lora_model(model):
-        model = model.merge_and_unload()
+        model = (copy.deepcopy(model) if keep_adapters else model).merge_and_unload()
     save_hf(model, tokenizer, folder)
     return model
 

@@ -19,6 +19,7 @@ pass is spent on them (`recompute_logprobs=true` spends it).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -29,10 +30,13 @@ from typing import Any
 
 import torch
 
+from rlhf import distributed as dist
 from rlhf.checkpoint import latest_checkpoint, load_state, save_checkpoint, save_hf
-from rlhf.config import ModelConfig, StageConfig, option
+from rlhf.config import ModelConfig, option
+from rlhf.distributed import TrainingStageConfig
 from rlhf.errors import UserError
 from rlhf.kl_control import make_kl_controller
+from rlhf.lora import merge_and_save, reference_logprobs_with_adapters_disabled
 from rlhf.losses import entropy_from_logprobs, explained_variance, kl_k3, masked_mean, policy_loss, value_loss
 from rlhf.modeling import autocast, load_policy
 from rlhf.rollout import (
@@ -45,7 +49,7 @@ from rlhf.rollout import (
     response_logprobs,
     shape_scores,
 )
-from rlhf.tracking import MetricsLogger, log, progress, start_run, truncate_metrics
+from rlhf.tracking import log, progress, truncate_metrics
 
 STAGE = "ppo"
 ScoreFn = Callable[[list[str], Any], torch.Tensor]  # (prompts, Generation) -> (B,) scores
@@ -65,8 +69,10 @@ class KLConfig:
 
 
 @dataclass
-class PPOConfig(StageConfig):
-    """PPO of the SFT policy against a reward model (see `rlhf ppo --help`)."""
+class PPOConfig(TrainingStageConfig):
+    """PPO of the SFT policy against a reward model (see `rlhf ppo --help`). `lora.*` trains adapters on the
+    policy (the reference is then its base with adapters off); `num_processes` splits each iteration's prompts
+    over data-parallel ranks (docs/scaling.md)."""
 
     model: ModelConfig = option(
         ModelConfig(), "the policy to start from (model.path); also the reference by default"
@@ -84,7 +90,7 @@ class PPOConfig(StageConfig):
     prompts: str = option("", "prompt file: JSONL {prompt}, demonstration formats, or plain lines")
     max_prompt_tokens: int = option(128, "prompts longer than this (in tokens) are skipped", low=4)
     iterations: int = option(20, "PPO iterations (one rollout batch each)", low=1)
-    batch_size: int = option(16, "prompts (= responses) per iteration", low=1)
+    batch_size: int = option(16, "prompts (= responses) per iteration, split over the processes", low=1)
     max_new_tokens: int = option(48, "response length limit", low=1)
     temperature: float = option(0.7, "sampling temperature, used in every log-prob pass", low=1e-3)
     epochs: int = option(1, "PPO epochs over each rollout batch", low=1)
@@ -146,6 +152,11 @@ class PPOConfig(StageConfig):
             raise UserError(
                 f"config field 'grad_accum': {per_mb} responses per minibatch do not split into it"
             )
+        if self.gradient_checkpointing:
+            raise UserError(
+                "config field 'gradient_checkpointing': not supported by ppo (its models stay in eval mode, "
+                "where transformers does not checkpoint); use LoRA or bf16 to save memory"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,6 +170,7 @@ class Models:
     value: Any  # ValueModel, or SharedValueHead on the policy trunk
     reward: Any  # RewardModel, or None when a score function is given
     tokenizer: Any
+    peft: Any = None  # under LoRA: the PeftModel around `policy` (adapters, the reference, saving)
 
 
 def _frozen(model: Any) -> Any:
@@ -174,14 +186,25 @@ def load_models(config: PPOConfig, checkpoint: Path | None, with_reward: bool) -
 
     if not config.model.path:
         raise UserError("config field 'model.path': PPO starts from a trained SFT model folder")
-    ref, tokenizer = load_policy(
-        config.reference or config.model.path, config.model.tokenizer or config.model.path
-    )
-    policy_src = str(checkpoint / "policy") if checkpoint else config.model.path
-    policy, _ = load_policy(policy_src, config.model.tokenizer or config.model.path)
+    from rlhf.lora import apply_lora, load_adapter_checkpoint
+
+    tok_src = config.model.tokenizer or config.model.path
+    lora = config.lora.enabled
+    ref = None  # LoRA on model.path: the reference is the policy's base with adapters off, not a second copy
+    if not (lora and config.reference in ("", config.model.path)):
+        ref, _ = load_policy(config.reference or config.model.path, tok_src)
+    policy_src = str(checkpoint / "policy") if checkpoint and not lora else config.model.path
+    policy, tokenizer = load_policy(policy_src, tok_src)
+    peft = None
+    if lora:
+        peft = apply_lora(policy, config.lora)
+        if checkpoint:
+            load_adapter_checkpoint(peft, checkpoint / "policy")
+        policy = peft.get_base_model()  # the HF model with LoRA layers inside: what sampling and losses call
     policy.eval()  # dropout off everywhere: eval mode stays on while training
     for model in (ref, policy):
-        fast_gelu(model)
+        if model is not None:
+            fast_gelu(model)
     reward = None
     if with_reward:
         if not config.reward_model:
@@ -211,7 +234,17 @@ def load_models(config: PPOConfig, checkpoint: Path | None, with_reward: bool) -
     for model in (policy, ref, getattr(value, "model", None), reward.model if reward is not None else None):
         if model is not None:
             model.set_attn_implementation(kind)
-    return Models(policy, _frozen(ref), value, reward, tokenizer)
+    return Models(policy, _frozen(ref) if ref is not None else None, value, reward, tokenizer, peft)
+
+
+@contextlib.contextmanager
+def _reference(models: Models) -> Any:
+    """The frozen KL reference: its own copy, or under LoRA the policy with its adapters switched off."""
+    if models.peft is None:
+        yield models.ref
+    else:
+        with reference_logprobs_with_adapters_disabled(models.peft):
+            yield models.policy
 
 
 def _value_params(models: Models) -> list[torch.nn.Parameter]:
@@ -264,6 +297,7 @@ def collect_rollout(
         temperature=config.temperature,
         generator=generator,
         bf16=config.bf16,
+        fast=models.peft is None,  # the fast GPT-2 decoder reads plain weights; LoRA layers need the HF loop
     )
     t1 = time.perf_counter()
     input_ids, attention_mask, start = join_prompt_response(
@@ -279,8 +313,9 @@ def collect_rollout(
         finished=gen.finished.clone(),
     )
     mask = rollout.response_mask
+    with autocast(config.bf16, config.device), _reference(models) as ref:
+        ref_logp, _, _ = response_logprobs(ref, input_ids, attention_mask, start, config.temperature)
     with autocast(config.bf16, config.device):
-        ref_logp, _, _ = response_logprobs(models.ref, input_ids, attention_mask, start, config.temperature)
         if config.recompute_logprobs or config.value_head == "shared":
             logp, _, hidden = response_logprobs(
                 models.policy, input_ids, attention_mask, start, config.temperature
@@ -370,8 +405,10 @@ def ppo_update(
     schedulers: list[Any],
     generator: torch.Generator,
     ptx: PtxBatches | None = None,
+    sync_grads: Callable[[], None] | None = None,
 ) -> dict[str, float]:
-    """`epochs` passes over shuffled minibatches; one optimizer step per minibatch."""
+    """`epochs` passes over shuffled minibatches; one optimizer step per minibatch. `sync_grads` (data parallel)
+    averages the accumulated gradients over ranks before clipping."""
     per_mb = rollout.batch_size // config.minibatches
     per_micro = per_mb // config.grad_accum
     params_v = _value_params(models)
@@ -390,6 +427,8 @@ def ppo_update(
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
                 count += 1
+            if sync_grads is not None:
+                sync_grads()
             # one fused norm per model both clips and checks finiteness (no per-parameter isfinite scans)
             limit = config.max_grad_norm or math.inf
             norms = [
@@ -462,7 +501,14 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
     if score_fn is None:
         local_path(config.reward_model or "(reward_model not set)", "reward model (reward_model)")
     prompts = read_prompts(config.prompts)  # bad input fails before the run folder is touched
-    out = start_run(config, STAGE)
+    accelerator = dist.build_accelerator(config)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if config.batch_size % (world * config.minibatches * config.grad_accum):
+        raise UserError(
+            f"config field 'batch_size': {config.batch_size} prompts do not split into {world} processes x "
+            f"{config.minibatches} minibatches x {config.grad_accum} micro-batches"
+        )
+    out = dist.start_run_on_main(accelerator, config, STAGE)
     checkpoint = latest_checkpoint(out) if config.resume else None
     if config.resume and checkpoint is None:
         log.info("resume: no checkpoint in %s, starting fresh", out / "checkpoints")
@@ -477,13 +523,13 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
     if not kept:
         raise UserError(f"{config.prompts}: no prompt fits max_prompt_tokens={config.max_prompt_tokens}")
     gold_fn = _gold(config.gold)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + 1_000_003 * rank)  # each rank samples its own
     ptx = None
     if config.ptx_coef > 0:
         ptx = PtxBatches(config.ptx_corpus, tok, config.ptx_batch, config.ptx_seq_len, generator)
 
     optimizers = [
-        _adamw(models.policy.parameters(), config.lr, config),
+        _adamw([p for p in models.policy.parameters() if p.requires_grad], config.lr, config),
         _adamw(_value_params(models), config.value_lr, config),
     ]
     total_steps = config.iterations * config.epochs * config.minibatches
@@ -498,9 +544,12 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
             sched.load_state_dict(state[key])
         if config.value_head == "shared":
             models.value.load_state_dict(state["value_head"])
-        generator.set_state(state["generator"])
+        states = state.get("generators", [state["generator"]])  # one per rank when saved by several
+        if len(states) == world or rank == 0:
+            generator.set_state(states[rank] if len(states) == world else state["generator"])
         start_iter = state["step"]
-        truncate_metrics(out / "metrics.jsonl", start_iter)
+        if accelerator.is_main_process:
+            truncate_metrics(out / "metrics.jsonl", start_iter)
         log.info("resumed from %s (iteration %d)", checkpoint, start_iter)
 
     def state_dict(step: int) -> dict:
@@ -515,15 +564,20 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
         }
         if config.value_head == "shared":
             state["value_head"] = models.value.state_dict()
+        if world > 1:  # a collective: every rank builds the state, the main process saves it
+            state["generators"] = dist.gather_generator_states(accelerator, generator)
         return state
 
+    def sync_grads() -> None:
+        dist.all_reduce_gradients(accelerator, [*models.policy.parameters(), *_value_params(models)])
+
     def parts() -> dict:
-        out_parts = {"policy": (models.policy, tok)}
+        out_parts = {"policy": (models.peft or models.policy, tok)}  # LoRA: the adapters only
         if config.value_head == "separate":
             out_parts["value"] = (models.value.model, tok)
         return out_parts
 
-    metrics_log = MetricsLogger(out)
+    metrics_log = dist.metrics_logger(accelerator, out)
     bar = progress(config.iterations, "ppo", initial=start_iter, unit="it")
     metrics: dict = {}
     stopped = None
@@ -531,6 +585,8 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
         for it in range(start_iter, config.iterations):
             first = it * config.batch_size
             batch = [kept[_prompt_index(first + j, len(kept), config.seed)] for j in range(config.batch_size)]
+            if world > 1:  # this rank's share of the iteration's prompts
+                batch = dist.rank_slice(batch, accelerator)
             batch_prompts, batch_ids = [p for p, _ in batch], [ids for _, ids in batch]
             rollout, gen, timing = collect_rollout(
                 models, batch_prompts, batch_ids, config, kl_ctl.value, generator, score_fn
@@ -538,7 +594,16 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
             try:
                 _check_finite(rollout)
                 t0 = time.perf_counter()
-                update = ppo_update(models, rollout, config, optimizers, schedulers, generator, ptx)
+                update = ppo_update(
+                    models,
+                    rollout,
+                    config,
+                    optimizers,
+                    schedulers,
+                    generator,
+                    ptx,
+                    sync_grads if world > 1 else None,
+                )
                 timing["training"] = time.perf_counter() - t0
             except FloatingPointError as exc:
                 last = latest_checkpoint(out)
@@ -549,16 +614,25 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
             metrics = iteration_metrics(rollout, update, kl_ctl.value, timing)
             if gold_fn is not None:
                 metrics["objective/gold_score"] = sum(map(gold_fn, batch_prompts, gen.texts)) / len(gen.texts)
+            if world > 1:  # equal shares: the mean over ranks is the mean over the whole batch (same on all)
+                metrics = dist.mean_across(accelerator, metrics)
             kl_ctl.update(metrics["objective/kl"], config.batch_size)
             metrics["lr"] = schedulers[0].get_last_lr()[0]
             metrics_log.log(it + 1, metrics)
             _progress(bar, metrics)
             if config.log_samples and (it + 1) % config.log_every == 0:
                 _log_samples(it + 1, batch_prompts, gen.texts, rollout, config.log_samples)
-            if config.snapshot_every and (it + 1) % config.snapshot_every == 0:
-                _snapshot(out, it + 1, models.policy, tok, metrics)
+            if (
+                config.snapshot_every
+                and (it + 1) % config.snapshot_every == 0
+                and accelerator.is_main_process
+            ):
+                _snapshot(out, it + 1, models.peft or models.policy, tok, metrics)
             if (it + 1) % config.save_every == 0 or it + 1 == config.iterations:
-                save_checkpoint(out, it + 1, parts(), state_dict(it + 1), keep=config.keep_checkpoints)
+                state = state_dict(it + 1)
+                if accelerator.is_main_process:
+                    save_checkpoint(out, it + 1, parts(), state, keep=config.keep_checkpoints)
+                accelerator.wait_for_everyone()
             if config.kl.stop_above and metrics["objective/kl"] > config.kl.stop_above:
                 stopped = f"KL {metrics['objective/kl']:.2f} > kl.stop_above={config.kl.stop_above} at iteration {it + 1}"
                 log.warning("stopping early: %s", stopped)
@@ -567,14 +641,19 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
         bar.close()
         metrics_log.close()
     model_dir = out / "model"
-    save_hf(models.policy, tok, model_dir)
     value_dir = out / "value"
+    dist.check_in_sync(accelerator, [*models.policy.parameters(), *_value_params(models)], "policy/value")
+    if not accelerator.is_main_process:  # one writer
+        accelerator.wait_for_everyone()
+        return {"model": str(model_dir), "value": str(value_dir), "rank": rank}
+    merge_and_save(models.peft or models.policy, tok, model_dir)  # LoRA: adapters folded in, plain HF weights
     if config.value_head == "separate":
         save_hf(models.value.model, tok, value_dir)
     else:
         value_dir.mkdir(parents=True, exist_ok=True)
         torch.save(models.value.state_dict(), value_dir / "value_head.pt")
     log.info("policy saved to %s", model_dir)
+    accelerator.wait_for_everyone()
     return {"model": str(model_dir), "value": str(value_dir), "final": metrics, "stopped": stopped}
 
 
@@ -638,7 +717,7 @@ def _snapshot(out: Path, step: int, policy: Any, tok: Any, metrics: dict) -> Non
     import json
 
     folder = out / "snapshots" / f"iter-{step:06d}"
-    save_hf(policy, tok, folder)
+    merge_and_save(policy, tok, folder, keep_adapters=True)  # LoRA: a merged copy; training goes on
     keys = ("objective/score", "objective/kl", "objective/kl_k3", "objective/gold_score")
     record = {"step": step, "path": str(folder), **{k: metrics[k] for k in keys if k in metrics}}
     with open(out / "snapshots" / "index.jsonl", "a", encoding="utf-8") as handle:
@@ -651,7 +730,12 @@ def main(argv: list[str]) -> int:
     config = parse_stage_args(PPOConfig, argv, "rlhf ppo", __doc__.split("\n\n")[0])
     if config is None:
         return 0
+    code = dist.relaunch(config, STAGE, argv)
+    if code is not None:
+        return code
     summary = run(config)
+    if "final" not in summary:  # a non-main rank
+        return 0
     print(f"ppo: policy in {summary['model']}; final {_short(summary['final'])}")  # noqa: T201
     return 0
 
