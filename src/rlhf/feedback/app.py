@@ -8,7 +8,7 @@ or the `rlhf_token` cookie set by /login) and `admin_user`; annotator endpoints 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +19,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
-from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -27,11 +26,11 @@ from starlette.exceptions import HTTPException
 from rlhf import __version__
 from rlhf.errors import UserError
 from rlhf.feedback import export, progress, schemas, service
+from rlhf.feedback.fastlane import COOKIE, FastLane, json_response, next_response, run_hot, submit_response
 from rlhf.feedback.service import Actor
 from rlhf.feedback.store import Annotator, open_database
 
 HERE = Path(__file__).parent
-COOKIE = "rlhf_token"
 BODY_LIMIT = 256 * 1024  # bytes of one request body: a submit with three 20,000-character texts fits
 IMPORT_LIMIT = 64 * 1024 * 1024  # bytes of one batch import
 SECURITY_HEADERS = [
@@ -93,9 +92,7 @@ async def admin_user(user: Annotated[Actor, Depends(current_user)]) -> Actor:
     return user
 
 
-def _json(model: BaseModel) -> Response:
-    """A Public schema built (and so validated) by the route, serialized once: FastAPI would validate it again."""
-    return Response(model.model_dump_json(), media_type="application/json")
+_json = json_response
 
 
 User = Annotated[Actor, Depends(current_user)]
@@ -127,33 +124,18 @@ def me(db: DB, user: User):
     return service.public_annotator(db.get(Annotator, user.id))
 
 
-async def _hot(request: Request, work: Callable[[], Response]) -> Response:
-    """Run an annotator-loop route's database work. On SQLite it runs on the event loop itself: SQLite answers in
-    well under a millisecond, writes go one at a time anyway, and a hop to a worker thread and back (a queue, two
-    wake-ups and the GIL passed between threads) cost more CPU than the query and put GIL switch waits in the tail.
-    On PostgreSQL (network round trips) it runs in the thread pool."""
-    if request.app.state.inline:
-        return work()
-    return await run_in_threadpool(work)
-
-
 @api.get("/next", response_model=schemas.NextOut, tags=["annotate"])
 async def next_item(
     request: Request, db: DB, user: User, batch: Annotated[str | None, Query(max_length=64)] = None
 ):
     """Your open draft, else a new item claimed for you (never one you saw; never beyond the batch's overlap)."""
-
-    def work() -> Response:
-        found = service.next_item(db, user, batch)
-        return _json(schemas.NextOut(item=None if found is None else service.public_item(db, *found, user)))
-
-    return await _hot(request, work)
+    return await run_hot(request.app.state, lambda: next_response(db, user, batch))
 
 
 @api.get("/items/{item_id}", response_model=schemas.ItemPublic, tags=["annotate"])
 async def get_item(item_id: int, request: Request, db: DB, user: User):
-    return await _hot(
-        request, lambda: _json(service.public_item(db, *service.own_item(db, user, item_id), user))
+    return await run_hot(
+        request.app.state, lambda: _json(service.public_item(db, *service.own_item(db, user, item_id), user))
     )
 
 
@@ -164,7 +146,7 @@ async def save_draft(item_id: int, body: schemas.FeedbackIn, request: Request, d
     def work() -> Response:
         return _json(service.public_annotation(service.save_draft(db, user, item_id, body), user.name))
 
-    return await _hot(request, work)
+    return await run_hot(request.app.state, work)
 
 
 @api.post("/items/{item_id}/submit", response_model=schemas.SubmitOut, tags=["annotate"])
@@ -173,17 +155,7 @@ async def submit(
 ):
     """Submit (or skip) and claim your next item in one transaction. Retrying with the same submission_id returns
     the stored result."""
-
-    def work() -> Response:
-        ann, replayed, found = service.submit_and_next(db, user, item_id, body, batch)
-        out = schemas.SubmitOut(
-            annotation=service.public_annotation(ann, user.name),
-            replayed=replayed,
-            next=None if found is None else service.public_item(db, *found, user),
-        )
-        return _json(out)
-
-    return await _hot(request, work)
+    return await run_hot(request.app.state, lambda: submit_response(db, user, item_id, body, batch))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -391,7 +363,7 @@ def create_app(db: str | None = None, sessions: sessionmaker | None = None) -> F
         lifespan=_lifespan,
     )
     app.state.sessions = sessions
-    app.state.inline = sessions.kw["bind"].dialect.name == "sqlite"  # see _hot
+    app.state.inline = sessions.kw["bind"].dialect.name == "sqlite"  # see fastlane.run_hot
     app.state.actors = {}
     app.include_router(api)
     app.include_router(pages)
@@ -399,5 +371,6 @@ def create_app(db: str | None = None, sessions: sessionmaker | None = None) -> F
     app.add_exception_handler(UserError, _user_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_middleware(FastLane, state=app.state)  # inside Guard: body limits and security headers apply
     app.add_middleware(Guard, limit=BODY_LIMIT, large={"/api/admin/batches": IMPORT_LIMIT})
     return app
