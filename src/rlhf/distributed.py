@@ -62,6 +62,13 @@ def relaunch(config: Any, stage: str, argv: Sequence[str]) -> int | None:
     n = int(getattr(config, "num_processes", 1) or 1)
     if n <= 1 or launched_by_accelerate():
         return None
+    cmd = launch_command(n, getattr(config, "accelerate_config", ""), ["-m", "rlhf", stage, *argv])
+    log.info("re-launching on %d processes: %s", n, " ".join(cmd[1:]))
+    return subprocess.call(cmd)
+
+
+def launch_command(n: int, accelerate_config: str, target: Sequence[str]) -> list[str]:
+    """`accelerate launch` of `target` (["-m", "rlhf", stage, ...] or a script and its arguments) on n processes."""
     cmd = [
         sys.executable,
         "-m",
@@ -71,7 +78,6 @@ def relaunch(config: Any, stage: str, argv: Sequence[str]) -> int | None:
         "--num_machines",
         "1",
     ]
-    accelerate_config = getattr(config, "accelerate_config", "")
     if accelerate_config:
         if not Path(accelerate_config).is_file():
             raise UserError(f"config field 'accelerate_config': file not found: {accelerate_config}")
@@ -79,9 +85,7 @@ def relaunch(config: Any, stage: str, argv: Sequence[str]) -> int | None:
     else:
         # Accelerate's torchrun launcher; on a machine without GPUs the ranks find `device=cpu` and use gloo.
         cmd += ["--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    cmd += ["-m", "rlhf", stage, *argv]
-    log.info("re-launching on %d processes: %s", n, " ".join(cmd[1:]))
-    return subprocess.call(cmd)
+    return [*cmd, *target]
 
 
 def build_accelerator(config: Any) -> Any:
