@@ -322,7 +322,7 @@ def json_comparisons(path):
     return read_comparisons(path)
 
 
-def test_gradient_checkpointing_gives_the_same_training(tiny_checkpoint, tmp_path, restore_threads):
+def test_gradient_checkpointing_and_bf16_switches(tiny_checkpoint, tmp_path, restore_threads):
     """`gradient_checkpointing=true` recomputes activations in backward (and forwards whole sequences: the shared
     prompt cache needs use_cache, which checkpointing turns off): the same losses as the flat pass without it."""
     data = tmp_path / "c.jsonl"
@@ -338,3 +338,7 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_checkpoint, tmp_pat
     ]
     assert len(losses[0]) == 3
     assert losses[1] == pytest.approx(losses[0], abs=1e-6)  # same ops, recomputed: measured bit-identical
+    # bf16 autocast: the same trajectory up to bf16 rounding of the activations
+    run(_config(tmp_path, tiny_checkpoint, data, *common, "name=bf16", "bf16=true"))
+    bf16 = [r["train/loss"] for r in read_metrics(tmp_path / "runs" / "bf16" / "reward") if "train/loss" in r]
+    assert bf16 == pytest.approx(losses[0], abs=0.03) and bf16 != losses[0]
