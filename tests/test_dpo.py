@@ -236,3 +236,37 @@ def test_lora_dpo_uses_the_base_as_reference_and_saves_a_plain_model(planted, ti
     changed = {k for k in base if not torch.equal(base[k], merged[k])}
     assert changed and all(".attn.c_attn." in k or ".mlp.c_fc." in k for k in changed), changed
     assert summary["val/margin"] > 0
+
+
+def test_pair_layout_log_probs_equal_unpadded_forwards(tiny_model):
+    """Left-padded prompts + right-padded responses (the LM head on response columns only) give each response's
+    summed log-prob of an unpadded forward over that row alone, whatever the prompt and response lengths."""
+    from rlhf.stages.dpo import Pair, collate, sequence_logprobs
+
+    pairs = [Pair([1, 5, 6], [7, 8, 2], [9, 2]), Pair([1, 10, 11, 12, 13], [14, 2], [15, 16, 17, 18, 2])]
+    ids, attn, start = collate(pairs, pad_id=0)
+    assert start == 5 and ids.shape == (4, 10)
+    assert ids[2].tolist() == [
+        0,
+        0,
+        1,
+        5,
+        6,
+        9,
+        2,
+        0,
+        0,
+        0,
+    ]  # rejected of pair 0: prompt ends at the start column
+    tiny_model.eval()
+    with torch.no_grad():
+        sums, lengths = sequence_logprobs(tiny_model, pairs, pad_id=0)
+        expected = []
+        rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
+        for prompt, response in rows:
+            row = torch.tensor([prompt + response])
+            logp = torch.log_softmax(tiny_model(row).logits[0, :-1].float(), -1)
+            picked = logp.gather(-1, row[0, 1:, None]).squeeze(-1)
+            expected.append(picked[len(prompt) - 1 :].sum())
+    assert lengths.tolist() == [3, 2, 2, 5]
+    torch.testing.assert_close(sums, torch.stack(expected), rtol=1e-5, atol=1e-4)

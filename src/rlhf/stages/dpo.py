@@ -52,6 +52,11 @@ class DPOConfig(StageConfig):
     model: ModelConfig = option(
         ModelConfig(), "the policy to start from (model.path: e.g. runs/<name>/sft/model)"
     )
+    reference: str = option(
+        "",
+        "reference policy folder of the implicit reward; empty = the starting policy (with LoRA: the base with "
+        "adapters disabled). `rlhf loop` sets it to the SFT model when round r > 1 starts from round r-1's policy",
+    )
     beta: float = option(0.1, "DPO temperature: strength of the implicit KL tie to the reference", low=1e-6)
     loss_type: str = option(
         "sigmoid", "sigmoid = DPO; ipo = IPO (squared, per-token)", choices=("sigmoid", "ipo")
@@ -77,6 +82,12 @@ class DPOConfig(StageConfig):
     save_every: int = option(100, "checkpoint every N steps (and at the end)", low=1)
     bf16: bool = option(False, "bf16 autocast (CPU with AVX512-BF16/AMX, or CUDA); weights stay fp32")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, more time")
+    attention: str = option(
+        "auto",
+        "attention kernel: auto = eager on CPU (SDPA's CPU kernels are slower at these sizes, its bf16 backward "
+        "several times), sdpa elsewhere",
+        choices=("auto", "eager", "sdpa"),
+    )
     num_processes: int = option(
         1, "data-parallel processes: >1 re-launches through `accelerate launch`", low=1
     )
@@ -144,31 +155,32 @@ def split_records(records: list[Any], fraction: float, seed: int) -> tuple[list[
     return [r for r in records if r.prompt not in held], [r for r in records if r.prompt in held]
 
 
-def collate(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Chosen rows then rejected rows, each prompt+response, right-padded: ids (2B, L), attention mask (2B, L),
-    and the mask of response tokens among the *predicted* positions (2B, L-1), i.e. aligned with token_logprobs."""
+def collate(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Chosen rows then rejected rows: left-padded prompts, then right-padded responses, so every response starts
+    at the same column `start` (the `join_prompt_response` layout) and the LM head runs on response columns only.
+    Returns ids (2B, L), attention mask (2B, L) and `start`; `attention_mask[:, start:]` marks response tokens."""
     rows = [(p.prompt_ids, p.chosen_ids) for p in pairs] + [(p.prompt_ids, p.rejected_ids) for p in pairs]
-    width = max(len(a) + len(b) for a, b in rows)
+    start = max(len(prompt) for prompt, _ in rows)
+    width = start + max(len(response) for _, response in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
-    resp = torch.zeros((len(rows), width - 1), dtype=torch.bool)
     for i, (prompt, response) in enumerate(rows):
-        n = len(prompt) + len(response)
-        ids[i, :n] = torch.tensor(prompt + response)
-        attn[i, :n] = 1
-        resp[i, len(prompt) - 1 : n - 1] = True  # logprob column t predicts token t+1
-    return ids, attn, resp
+        ids[i, start - len(prompt) : start + len(response)] = torch.tensor(prompt + response)
+        attn[i, start - len(prompt) : start + len(response)] = 1
+    return ids, attn, start
 
 
 def sequence_logprobs(model: Any, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed response log-probs (2B,) (chosen then rejected) and response lengths (2B,), in one forward."""
+    """Summed response log-probs (2B,) (chosen then rejected) and response lengths (2B,), in one forward whose
+    LM head and log-softmax see only the response columns."""
     from rlhf.sampling import token_logprobs
 
-    ids, attn, resp = collate(pairs, pad_id)
+    ids, attn, start = collate(pairs, pad_id)
     device = next(model.parameters()).device
-    logp = token_logprobs(model, ids.to(device), attn.to(device))  # (2B, L-1)
-    resp = resp.to(device)
-    return (logp * resp).sum(-1), resp.sum(-1)
+    ids, attn = ids.to(device), attn.to(device)
+    logp = token_logprobs(model, ids, attn, start=start - 1)  # (2B, L - start): log p(ids[:, start:])
+    resp = attn[:, start:].bool()
+    return logp.masked_fill(~resp, 0.0).sum(-1), resp.sum(-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,11 +189,15 @@ def sequence_logprobs(model: Any, pairs: list[Pair], pad_id: int) -> tuple[torch
 
 def _fingerprint(config: DPOConfig, pairs: list[Pair]) -> str:
     h = hashlib.sha256()
-    weights = sorted(Path(config.model.path).glob("*.safetensors")) + sorted(
-        Path(config.model.path).glob("*.bin")
-    )
-    stamp = [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]
-    h.update(json.dumps([str(Path(config.model.path).resolve()), stamp, config.bf16]).encode())
+    stamps = []
+    for folder in (Path(config.model.path), Path(config.reference) if config.reference else None):
+        if folder is None:
+            continue
+        weights = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+        stamps.append(
+            [str(folder.resolve()), [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]]
+        )
+    h.update(json.dumps([stamps, config.bf16, config.lora.enabled]).encode())
     for p in pairs:
         h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
     return h.hexdigest()
@@ -226,7 +242,13 @@ def reference_logprobs(
             log.info("reference log-probs: reusing %s", path)
             return cached["train"], cached["val"]
     start = time.perf_counter()
-    if is_lora_model(model):
+    if config.reference:  # a separate reference (e.g. SFT while the policy starts from an earlier round's)
+        from rlhf.modeling import load_causal_lm
+
+        ref_model = prepare_model(load_causal_lm(config.reference), config).eval().to(accelerator.device)
+        ref = all_pair_logprobs(ref_model, train + val, pad_id, config.eval_batch_size, accelerator)
+        del ref_model
+    elif is_lora_model(model):
         with reference_logprobs_with_adapters_disabled(model) as base:
             ref = all_pair_logprobs(base, train + val, pad_id, config.eval_batch_size, accelerator)
     else:  # full fine-tuning: the reference is the policy before its first step, so compute it now
@@ -303,6 +325,19 @@ def evaluate(
     }
 
 
+def prepare_model(model: Any, config: DPOConfig) -> Any:
+    """The attention kernel of `config.attention` and torch's fused tanh-GELU (the same formula as GPT-2's
+    Python-level "gelu_new", one kernel instead of eight): no change to the weights or the saved checkpoint."""
+    from rlhf.rollout import fast_gelu
+
+    kind = config.attention
+    if kind == "auto":
+        kind = "eager" if str(config.device).startswith("cpu") else "sdpa"
+    if hasattr(model, "set_attn_implementation"):
+        model.set_attn_implementation(kind)
+    return fast_gelu(model)
+
+
 def _disable_dropout(model: Any) -> None:
     """DPO compares log-probs of the policy with the (dropout-free) reference: dropout would bias the ratio.
     LoRA's own dropout on the adapter input is kept."""
@@ -320,6 +355,14 @@ def _schedule(config: DPOConfig) -> Any:
         return max(0.0, (config.steps - step) / max(1, config.steps - config.warmup_steps))
 
     return factor
+
+
+def _adamw(params: list[torch.nn.Parameter], config: DPOConfig) -> torch.optim.Optimizer:
+    """AdamW with the fused kernel where this torch has it for the parameters' device (one pass per tensor)."""
+    try:
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
 def _global_order(n: int, seed: int, start: int, count: int) -> list[int]:
@@ -374,7 +417,7 @@ def run(config: DPOConfig) -> dict:
     pad_id = tokenizer.pad_token_id
 
     # 2. LoRA, then the reference log-probs (computed once, before any update)
-    model = apply_lora(model, config.lora)
+    model = apply_lora(prepare_model(model, config), config.lora)
     _disable_dropout(model)
     ref_train, ref_val = reference_logprobs(config, model, pad_id, train, val, out, accelerator)
 
@@ -391,7 +434,7 @@ def run(config: DPOConfig) -> dict:
     model.train()
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = _adamw(params, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(config))
     step = 0
     if checkpoint is not None:
