@@ -398,3 +398,52 @@ def test_trimmed_minibatch_gives_the_same_logprobs_and_losses(tmp_path, tiny_che
     stats = [accumulate_gradients(models, m, config, 7.0) for m in (mb, trimmed)]
     for key in ("pg_loss", "vf_loss", "approx_kl", "entropy"):
         torch.testing.assert_close(stats[0][key], stats[1][key], atol=1e-5, rtol=1e-5)
+
+
+def test_models_side_by_side_on_two_threads_equal_one_after_another(tmp_path, tiny_checkpoint, prompt_file):
+    """With 2 intra-op threads the reference runs beside the value + reward models, and the policy's update beside
+    the value model's, one core each (rollout.concurrently); with 1 thread they run one after another. Each model's
+    arithmetic is the same either way, so the rollout and the updated weights are bit-identical."""
+    import threading
+
+    from rlhf.data.template import encode_prompt
+    from rlhf.reward_model import reward_model_from_causal_lm
+    from rlhf.stages.ppo import _adamw, ppo_update
+
+    reward_model_from_causal_lm(tiny_checkpoint).save(tmp_path / "rm")
+    config = tiny_config(
+        tmp_path,
+        tiny_checkpoint,
+        prompt_file,
+        "batch_size=8",
+        "minibatches=2",
+        f"reward_model={tmp_path / 'rm'}",
+    )
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        models = load_models(config, None, with_reward=True)
+        ids = [encode_prompt(models.tokenizer, p) for p in read_prompts(str(prompt_file))[:8]]
+        seen = set()
+        forward = models.value.forward
+        models.value.forward = lambda *a, _f=forward, _s=seen: (
+            _s.add(threading.current_thread().name) or _f(*a)
+        )
+        generator = torch.Generator().manual_seed(3)
+        rollout, _, _ = collect_rollout(models, [""] * 8, ids, config, 0.1, generator)
+        optimizers = [
+            _adamw(models.policy.parameters(), 1e-3, config),
+            _adamw(models.value.parameters(), 1e-3, config),
+        ]
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0) for o in optimizers]
+        stats = ppo_update(models, rollout, config, optimizers, schedulers, generator)
+        assert torch.get_num_threads() == threads
+        assert any(name.startswith("rlhf-model") for name in seen) == (threads == 2), seen
+        weights = [p.detach().clone() for p in [*models.policy.parameters(), *models.value.parameters()]]
+        results.append((rollout, stats, weights))
+    (r1, s1, w1), (r2, s2, w2) = results
+    for name in ("logprobs", "ref_logprobs", "values", "raw_scores", "advantages"):
+        assert torch.equal(getattr(r1, name), getattr(r2, name)), name
+    assert s1 == s2
+    assert all(torch.equal(a, b) for a, b in zip(w1, w2))
+    assert not torch.equal(w1[0], load_models(config, None, with_reward=True).policy.transformer.wte.weight)

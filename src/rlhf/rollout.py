@@ -16,7 +16,11 @@ Rewards (Ziegler et al. 2019; Stiennon et al. 2020): each response token gets th
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -153,6 +157,51 @@ def finish_rollout(
         advantages = masked_whiten(advantages, mask)
     rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = rewards, kl, advantages, returns
     return rollout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model-level parallelism: independent models on their own cores.
+
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+
+
+def concurrently(*tasks: Callable[[], Any], enabled: bool = True) -> list[Any]:
+    """Run independent tasks (each on its own models: policy vs value, reference vs value + reward) at the same time,
+    one Python thread each, the intra-op threads split between them; their results in order.
+
+    Why: at these sizes one op on one core is far more efficient than one op split over two (fork/join per op, and
+    on a busy machine a spinning partner thread), so two models side by side on one core each finish sooner than one
+    after the other on two. Each task's arithmetic is the same as on its own (same ops, one thread each), so runs
+    stay deterministic. Torch ops release the GIL. Grad mode (thread-local) is carried into the workers; autocast is
+    thread-local too, so each task enters its own. With fewer intra-op threads than tasks, or `enabled` false (a GPU:
+    its kernels are asynchronous already), they run one after another.
+    """
+    global _POOL
+    threads = torch.get_num_threads()
+    if not enabled or len(tasks) < 2 or threads < len(tasks):
+        return [task() for task in tasks]
+    grad, share = torch.is_grad_enabled(), threads // len(tasks)
+
+    def call(task: Callable[[], Any]) -> Any:
+        torch.set_num_threads(share)  # OpenMP's and MKL's counts are per calling thread: set them in each
+        with torch.set_grad_enabled(grad):
+            return task()
+
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < len(tasks) - 1:
+            _POOL = ThreadPoolExecutor(len(tasks) - 1, thread_name_prefix="rlhf-model")
+    torch.set_num_threads(share)
+    try:
+        futures = [_POOL.submit(call, task) for task in tasks[1:]]
+        try:
+            first = call(tasks[0])
+        finally:
+            for future in futures:  # never leave a worker running (threads are restored below)
+                future.exception()
+        return [first, *(future.result() for future in futures)]
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from rlhf.rollout import (
     Rollout,
     SharedValueHead,
     ValueModel,
+    concurrently,
     fast_gelu,
     finish_rollout,
     response_logprobs,
@@ -313,23 +315,32 @@ def collect_rollout(
         finished=gen.finished.clone(),
     )
     mask = rollout.response_mask
-    with autocast(config.bf16, config.device), _reference(models) as ref:
-        ref_logp, _, _ = response_logprobs(ref, input_ids, attention_mask, start, config.temperature)
-    with autocast(config.bf16, config.device):
-        if config.recompute_logprobs or config.value_head == "shared":
-            logp, _, hidden = response_logprobs(
-                models.policy, input_ids, attention_mask, start, config.temperature
-            )
-            if config.recompute_logprobs:
-                rollout.logprobs = logp * mask
-        if config.value_head == "shared":
-            values = models.value(hidden)
-        else:
-            values = models.value(input_ids, attention_mask, start)
-        if score_fn is not None:
-            raw = torch.as_tensor(score_fn(prompts, gen), dtype=torch.float32)
-        else:
-            raw = models.reward.score(input_ids, attention_mask)
+
+    def reference() -> torch.Tensor:
+        with autocast(config.bf16, config.device), _reference(models) as ref:
+            return response_logprobs(ref, input_ids, attention_mask, start, config.temperature)[0]
+
+    def value_and_reward() -> tuple[torch.Tensor, torch.Tensor | None]:
+        with autocast(config.bf16, config.device):
+            if config.recompute_logprobs or config.value_head == "shared":
+                logp, _, hidden = response_logprobs(
+                    models.policy, input_ids, attention_mask, start, config.temperature
+                )
+                if config.recompute_logprobs:
+                    rollout.logprobs = logp * mask
+            if config.value_head == "shared":
+                values = models.value(hidden)
+            else:
+                values = models.value(input_ids, attention_mask, start)
+            return values, None if score_fn is not None else models.reward.score(input_ids, attention_mask)
+
+    # the reference and the value + reward models side by side, one core each (rollout.concurrently); not when both
+    # would run the one LoRA policy (its reference is the policy with adapters off)
+    apart = models.peft is not None and (config.recompute_logprobs or config.value_head == "shared")
+    together = not apart and str(config.device).startswith("cpu")  # a GPU's kernels are asynchronous already
+    ref_logp, (values, raw) = concurrently(reference, value_and_reward, enabled=together)
+    if score_fn is not None:
+        raw = torch.as_tensor(score_fn(prompts, gen), dtype=torch.float32)
     rollout.ref_logprobs = ref_logp.float() * mask
     rollout.values = values.float() * mask
     rollout.raw_scores = raw.float()
@@ -358,42 +369,52 @@ def collect_rollout(
 
 
 def accumulate_gradients(
-    models: Models, mb: Rollout, config: PPOConfig, normalizer: float, ptx: PtxBatches | None = None
+    models: Models,
+    mb: Rollout,
+    config: PPOConfig,
+    normalizer: float,
+    ptx: PtxBatches | None = None,
+    part: str = "both",
 ) -> dict[str, torch.Tensor]:
     """Forward + backward of one micro-batch; token losses are summed and divided by `normalizer` (the real tokens
-    of the whole minibatch), so micro-batches accumulate to exactly the full minibatch's gradient."""
+    of the whole minibatch), so micro-batches accumulate to exactly the full minibatch's gradient. `part` "policy"
+    or "value" does one model's half only (a separate value model shares nothing with the policy, so the two halves
+    can run at the same time; the shared value head needs "both")."""
     mask = mb.response_mask
+    policy_part, value_part = part != "value", part != "policy"
     with autocast(config.bf16, config.device):
-        logp, log_softmax, hidden = response_logprobs(
-            models.policy,
-            mb.input_ids,
-            mb.attention_mask,
-            mb.response_start,
-            config.temperature,
-            with_log_softmax=True,
-        )
-        if config.value_head == "shared":
+        if policy_part or config.value_head == "shared":
+            logp, log_softmax, hidden = response_logprobs(
+                models.policy,
+                mb.input_ids,
+                mb.attention_mask,
+                mb.response_start,
+                config.temperature,
+                with_log_softmax=True,
+            )
+        if value_part and config.value_head == "shared":
             values = models.value(hidden)
-        else:
+        elif value_part:
             values = models.value(mb.input_ids, mb.attention_mask, mb.response_start)
-    pg_loss, pg_stats = policy_loss(logp, mb.logprobs, mb.advantages, mask, config.clip, normalizer)
-    vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, config.value_clip, normalizer)
-    loss = pg_loss + config.vf_coef * vf_loss
-    stats = {
-        "pg_loss": pg_loss.detach(),
-        "vf_loss": vf_loss.detach(),
-        **pg_stats,
-        "vf_clipfrac": vf_stats["clipfrac"],
-    }
-    if ptx is not None and config.ptx_coef > 0:
+    loss, stats = torch.zeros(()), {}
+    if policy_part:
+        pg_loss, pg_stats = policy_loss(logp, mb.logprobs, mb.advantages, mask, config.clip, normalizer)
+        loss = pg_loss
+        stats.update(pg_loss=pg_loss.detach(), **pg_stats)
+    if value_part:
+        vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, config.value_clip, normalizer)
+        loss = loss + config.vf_coef * vf_loss if policy_part else config.vf_coef * vf_loss
+        stats.update(vf_loss=vf_loss.detach(), vf_clipfrac=vf_stats["clipfrac"])
+    if policy_part and ptx is not None and config.ptx_coef > 0:
         ptx_loss = ptx.loss(models.policy, config.bf16, config.device)
         loss = loss + config.ptx_coef * ptx_loss * (mask.sum() / normalizer)
         stats["ptx_loss"] = ptx_loss.detach()
     if not torch.isfinite(loss):
         raise FloatingPointError("loss")
     loss.backward()
-    with torch.no_grad():
-        stats["entropy"] = masked_mean(entropy_from_logprobs(log_softmax.detach()), mask)
+    if policy_part:
+        with torch.no_grad():
+            stats["entropy"] = masked_mean(entropy_from_logprobs(log_softmax.detach()), mask)
     return stats
 
 
@@ -414,15 +435,32 @@ def ppo_update(
     params_v = _value_params(models)
     totals: dict[str, float] = {}
     count = 0
+    side_by_side = (
+        sync_grads is None and config.value_head == "separate" and str(config.device).startswith("cpu")
+    )
+    sides, pairs = ("policy", "value"), list(zip(optimizers, schedulers))
     for _ in range(config.epochs):
         order = torch.randperm(rollout.batch_size, generator=generator)
         for m in range(config.minibatches):
             mb_index = order[m * per_mb : (m + 1) * per_mb]
             normalizer = float(rollout.response_mask[mb_index].sum().clamp(min=1))
+            micros = [
+                rollout.select(mb_index[k * per_micro : (k + 1) * per_micro]).trimmed()
+                for k in range(config.grad_accum)
+            ]
+            if side_by_side:  # policy and value model each on their own core (rollout.concurrently)
+                step = functools.partial(_update_one_model, models, micros, config, normalizer, ptx)
+                parts = concurrently(
+                    *(functools.partial(step, part, *pair) for part, pair in zip(sides, pairs))
+                )
+                for policy_stats, value_stats in zip(*parts):
+                    for key, value in {**policy_stats, **value_stats}.items():
+                        totals[key] = totals.get(key, 0.0) + float(value)
+                    count += 1
+                continue
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            for k in range(config.grad_accum):
-                micro = rollout.select(mb_index[k * per_micro : (k + 1) * per_micro]).trimmed()
+            for micro in micros:
                 stats = accumulate_gradients(models, micro, config, normalizer, ptx)
                 for key, value in stats.items():
                     totals[key] = totals.get(key, 0.0) + float(value)
@@ -441,6 +479,29 @@ def ppo_update(
                 opt.step()
                 sched.step()
     return {key: value / max(count, 1) for key, value in totals.items()}
+
+
+def _update_one_model(
+    models: Models,
+    micros: list[Rollout],
+    config: PPOConfig,
+    normalizer: float,
+    ptx: PtxBatches | None,
+    part: str,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> list[dict[str, torch.Tensor]]:
+    """One minibatch's optimizer step of the policy or of the separate value model alone: the gradients of every
+    micro-batch, clipping (the norm also checks finiteness), the step and the LR schedule."""
+    optimizer.zero_grad(set_to_none=True)
+    stats = [accumulate_gradients(models, micro, config, normalizer, ptx, part) for micro in micros]
+    params = models.policy.parameters() if part == "policy" else _value_params(models)
+    norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf, foreach=True)
+    if not torch.isfinite(norm):
+        raise FloatingPointError("gradient")
+    optimizer.step()
+    scheduler.step()
+    return stats
 
 
 # ---------------------------------------------------------------------------------------------------------------
