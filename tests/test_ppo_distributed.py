@@ -22,7 +22,7 @@ def test_lora_policy_reference_is_the_base_and_merged_policy_is_plain(
 
     lora = ["lora.enabled=true", "lora.r=4", "lora.alpha=16", "lora.target_modules=c_attn,c_fc"]
     config = tiny_config(
-        tmp_path, tiny_checkpoint, prompt_file, *lora, "iterations=2", "batch_size=8", "save_every=2",
+        tmp_path, tiny_checkpoint, prompt_file, *lora, "iterations=2", "batch_size=8", "save_every=1",
         "value_model=" + str(tiny_checkpoint), "threads=1", "lr=2e-2",
     )  # fmt: skip
     models = load_models(config, None, with_reward=False)
@@ -51,3 +51,12 @@ def test_lora_policy_reference_is_the_base_and_merged_policy_is_plain(
         torch.testing.assert_close(
             plain(input_ids=ids).logits, adapted.policy(input_ids=ids).logits, atol=1e-4, rtol=1e-4
         )
+    # killed after iteration 1's adapter checkpoint and resumed: the same merged policy
+    import shutil
+
+    stage = tmp_path / "runs" / "demo" / "ppo"
+    shutil.rmtree(stage / "checkpoints" / "step-0000002")
+    shutil.rmtree(stage / "model")
+    config.resume = True
+    again = load_file(f"{run(config, score_fn=target_share)['model']}/model.safetensors")
+    assert all(torch.allclose(again[k], merged[k], atol=1e-6) for k in merged)
