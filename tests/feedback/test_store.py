@@ -15,7 +15,7 @@ from sqlalchemy import func, select, text
 
 from rlhf.feedback import hotsql, service
 from rlhf.feedback.schemas import SubmitIn
-from rlhf.feedback.store import Annotation, Base, Item, WalCheckpointer, migrate, open_database
+from rlhf.feedback.store import Annotation, Base, Item, WalCheckpointer, migrate, open_database, writer_lock
 
 from .conftest import make_samples
 
@@ -211,4 +211,26 @@ def test_background_checkpoints_move_the_wal_into_the_database(db_path):
     )  # truncated
     with sessions() as db:
         assert db.scalar(select(func.count(Item.id))) == 50
+    engine.dispose()
+
+
+def test_steady_writes_do_not_grow_the_wal_without_end(db_path):
+    """SQLite starts the WAL over only when a write begins with every frame copied; steady writes never allow that
+    unless the checkpointer pauses them for its last bit (WalCheckpointer.restart_frames)."""
+    engine, _ = open_database(str(db_path), background_checkpoints=True)
+    checkpointer = WalCheckpointer(engine, every=0.005, restart_frames=50)
+    checkpointer.start()
+    with engine.connect() as conn:
+        conn.exec_driver_sql("CREATE TABLE filler (x BLOB)")
+        conn.commit()
+        deadline = time.time() + 1.0
+        while time.time() < deadline:
+            with writer_lock(engine):
+                conn.exec_driver_sql("INSERT INTO filler VALUES (randomblob(3000))")
+                conn.commit()
+        written = conn.exec_driver_sql("SELECT COUNT(*) FROM filler").scalar()
+    frames = (db_path.parent / "feedback.db-wal").stat().st_size // 4096
+    checkpointer.stop()
+    assert written > 300 and frames < written // 2, (written, frames)  # never restarted: a frame per row
+    assert 0 < checkpointer.longest_pause < 1.0
     engine.dispose()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import threading
 import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from rlhf.feedback.checks import (  # noqa: F401 - the errors are part of this m
 )
 from rlhf.feedback.hotsql import runner
 from rlhf.feedback.schemas import FeedbackIn, SubmitIn
-from rlhf.feedback.store import Annotation, Annotator, Batch, Item, utcnow
+from rlhf.feedback.store import Annotation, Annotator, Batch, Item, utcnow, writer_lock
 
 # ---------------------------------------------------------------------------------------------------------------
 # Annotators and tokens
@@ -275,21 +274,11 @@ _SKIP = _SUBMIT.values(slot=None)
 _BY_SUBMISSION = select(*_ANN_COLS).where(_A.c.submission_id == bindparam("sid"))
 
 
-_write_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
-
-
 def _writer(db: Session) -> AbstractContextManager:
-    """Held around the server's hot write transactions on SQLite. SQLite admits one writer at a time, and a writer
-    that finds the database locked sleeps in SQLite's busy handler (1, 2, 5, 10 ... ms) and polls again; queueing
-    this process's writers on a lock instead wakes each one as soon as the previous commits. Other processes (the
-    CLI) still meet the busy handler; PostgreSQL locks rows itself and needs nothing here."""
+    """Held around the server's hot write transactions on SQLite (see `store.writer_lock`); PostgreSQL locks rows
+    itself and needs nothing here."""
     bind = db.get_bind()
-    if bind.dialect.name != "sqlite":
-        return nullcontext()
-    lock = _write_locks.get(bind)
-    if lock is None:
-        lock = _write_locks.setdefault(bind, threading.Lock())
-    return lock
+    return writer_lock(bind) if bind.dialect.name == "sqlite" else nullcontext()
 
 
 def _split(row) -> tuple[ItemRow, AnnotationRow]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
+import weakref
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -166,6 +168,7 @@ def make_engine(db: str | None, synchronous: str = "normal", background_checkpoi
             cursor.execute("PRAGMA busy_timeout=30000")
             if background_checkpoints:
                 cursor.execute("PRAGMA wal_autocheckpoint=0")
+                cursor.execute(f"PRAGMA journal_size_limit={32 << 20}")  # a WAL started over shrinks to 32 MB
             cursor.close()
 
         return engine
@@ -189,16 +192,38 @@ def migrate(engine: Engine) -> None:
         command.upgrade(config, "head")
 
 
+_write_locks: weakref.WeakKeyDictionary[Engine, threading.Lock] = weakref.WeakKeyDictionary()
+
+
+def writer_lock(engine: Engine) -> threading.Lock:
+    """This process's lock around write transactions on a SQLite database. SQLite admits one writer at a time, and
+    a writer that finds the database locked sleeps in SQLite's busy handler (1, 2, 5, 10 ... ms) and polls again;
+    queueing this process's writers on a lock instead wakes each one as soon as the previous commits. Other
+    processes (the CLI) still meet the busy handler."""
+    lock = _write_locks.get(engine)
+    if lock is None:
+        lock = _write_locks.setdefault(engine, threading.Lock())
+    return lock
+
+
 class WalCheckpointer(threading.Thread):
-    """PASSIVE checkpoints of a SQLite WAL every `every` seconds, on its own connection, off the request path.
+    """Checkpoints of a SQLite WAL every `every` seconds, on its own connection, off the request path.
 
-    PASSIVE never waits for readers or writers: it copies what it can while requests keep committing (SQLite
-    releases the GIL while it works). `stop()` runs a last checkpoint and truncates the WAL."""
+    A PASSIVE checkpoint never waits for readers or writers: it copies what it can while requests keep committing
+    (SQLite releases the GIL while it works). But SQLite only starts the WAL file over when a write begins with
+    every frame copied, which steady writes never allow (they commit while the copy runs): the WAL would grow
+    without end. So once the WAL holds more than `restart_frames`, the few frames committed during the PASSIVE copy
+    are copied with this process's writers paused on `writer_lock` (`longest_pause` records how long), and the
+    next write starts the WAL over. `stop()` runs a last checkpoint and truncates the WAL."""
 
-    def __init__(self, engine: Engine, synchronous: str = "normal", every: float = 0.25):
+    def __init__(
+        self, engine: Engine, synchronous: str = "normal", every: float = 0.25, restart_frames: int = 8192
+    ):
         super().__init__(name="wal-checkpointer", daemon=True)
-        self.path, self.synchronous, self.every = engine.url.database, synchronous, every
+        self.engine, self.path = engine, engine.url.database
+        self.synchronous, self.every, self.restart_frames = synchronous, every, restart_frames
         self.checkpoints = 0  # checkpoints run
+        self.longest_pause = 0.0  # seconds the writers waited for a checkpoint
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -206,17 +231,23 @@ class WalCheckpointer(threading.Thread):
         try:
             conn.execute(f"PRAGMA synchronous={self.synchronous.upper()}")
             while not self._stop_event.wait(self.every):
-                self._checkpoint(conn, "PASSIVE")
+                _busy, frames, _copied = self._checkpoint(conn, "PASSIVE")
+                if frames > self.restart_frames:  # copy what came in meanwhile, with the writers paused
+                    with writer_lock(self.engine):
+                        start = time.perf_counter()
+                        self._checkpoint(conn, "PASSIVE")
+                        self.longest_pause = max(self.longest_pause, time.perf_counter() - start)
             self._checkpoint(conn, "TRUNCATE")
         finally:
             conn.close()
 
-    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> None:
+    def _checkpoint(self, conn: sqlite3.Connection, mode: str) -> tuple[int, int, int]:
         try:
-            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+            result = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         except sqlite3.Error:  # the database is busy or gone: try again next time
-            return
+            return (1, 0, 0)
         self.checkpoints += 1
+        return result
 
     def stop(self) -> None:
         self._stop_event.set()
