@@ -23,12 +23,12 @@ from typing import Any
 import torch
 
 from rlhf.checkpoint import latest_checkpoint, load_state, save_checkpoint
-from rlhf.config import ModelConfig, StageConfig, option
+from rlhf.config import ModelConfig, option
 from rlhf.data.demonstrations import read_demonstrations
 from rlhf.data.records import Demonstration
 from rlhf.data.template import encode_prompt, encode_response
+from rlhf.distributed import TrainingStageConfig
 from rlhf.errors import UserError
-from rlhf.lora import LoraSettings
 from rlhf.modeling import autocast, context_length, load_causal_lm, load_policy
 from rlhf.stagecli import parse_stage_args
 from rlhf.tracking import log, progress, stage_dir, truncate_metrics
@@ -37,7 +37,8 @@ IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
 
 @dataclass
-class SFTConfig(StageConfig):
+class SFTConfig(TrainingStageConfig):
+    # inherited: bf16, gradient_checkpointing, num_processes, accelerate_config, lora (docs/scaling.md)
     model: ModelConfig = option(
         ModelConfig(), "model to fine-tune; empty path = <runs_dir>/<name>/pretrain/model"
     )
@@ -58,7 +59,6 @@ class SFTConfig(StageConfig):
     warmup_steps: int = option(10, "linear warm-up steps", low=0)
     weight_decay: float = option(0.0, "AdamW weight decay", low=0.0)
     grad_clip: float = option(1.0, "clip the gradient norm (0 = off)", low=0.0)
-    bf16: bool = option(False, "bfloat16 autocast")
     eval_every: int = option(20, "evaluate the held-out loss every N steps (0 = only at the end)", low=0)
     patience: int = option(3, "stop after N evaluations without a better held-out loss (0 = never)", low=0)
     save_every: int = option(50, "write a checkpoint every N steps (0 = only at the end)", low=0)
@@ -66,15 +66,6 @@ class SFTConfig(StageConfig):
     sample_prompts: int = option(
         8, "at the end, sample this many held-out prompts and log the EOS rate (0 = off)", low=0
     )
-    # scaling out (docs/scaling.md)
-    gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, more time")
-    num_processes: int = option(
-        1, "data-parallel processes: >1 re-launches through `accelerate launch`", low=1
-    )
-    accelerate_config: str = option(
-        "", "accelerate config file for the re-launch (configs/accelerate/*.yaml)"
-    )
-    lora: LoraSettings = option(LoraSettings(), "LoRA adapters (PEFT) instead of full fine-tuning")
 
     def validate(self) -> None:
         super().validate()
