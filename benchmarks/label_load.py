@@ -354,7 +354,8 @@ def main() -> int:
     )
     cpu_ms = runs["steady (max rate)"]["cpu_ms"]
     print(
-        f"cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} (the clients share the machine); "
+        f"cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
+        f"{'server on CPU 0, clients on the others' if not args.no_pin else 'server and clients unpinned'}; "
         f"the server used {cpu_ms:.2f} ms of CPU per submit (the request and the next item in its answer), "
         f"that is {1000 / cpu_ms:.0f} submits/s per core it has to itself"
     )
