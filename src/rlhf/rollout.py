@@ -213,17 +213,79 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def prompt_columns(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids (B, P), mask (B, P)): the prompts left-padded to the longest, as `join_prompt_response` lays them out."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, prompt in enumerate(prompt_ids):
+        ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[i, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def prefix_cache(trunk: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Any | None:
+    """KV cache of a transformer trunk over the prompt columns but the last (P - 1 of them; None when P = 1).
+
+    It needs no response, so it is computed while the policy samples; the last prompt column, whose state predicts
+    the first response token, goes with the response columns (`response_hidden(..., past=)`). Prefix + rest equals
+    one pass over the whole sequence up to float rounding (bit-equal in our tests)."""
+    if prompt_ids.shape[1] < 2:
+        return None
+    mask = prompt_mask[:, :-1]
+    out = trunk(
+        input_ids=prompt_ids[:, :-1], attention_mask=mask, position_ids=position_ids(mask), use_cache=True
+    )
+    return out.past_key_values
+
+
+def trunk_states(
+    trunk: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: int,
+    past: Any | None = None,
+    through_last: bool = False,
+) -> torch.Tensor:
+    """(B, T, d) last hidden states of a trunk at the columns start - 1 .. L - 2 (those that predict the response
+    tokens), or .. L - 1 with `through_last` (B, T + 1, d). With `past` (a `prefix_cache` of columns < start - 1) only
+    the columns from start - 1 on run."""
+    first = start - 1 if past is not None else 0
+    end = input_ids.shape[1] if through_last else input_ids.shape[1] - 1  # the last column predicts nothing
+    out = trunk(
+        input_ids=input_ids[:, first:end],
+        attention_mask=attention_mask[:, :end],
+        position_ids=position_ids(attention_mask)[:, first:end],
+        past_key_values=past,
+        use_cache=past is not None,
+    )
+    return out.last_hidden_state[:, start - 1 - first :]
+
+
 def response_hidden(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    start: int,
+    past: Any | None = None,
 ):
     """(B, T, d) last hidden states at the columns that predict response tokens (start - 1 .. L - 2)."""
-    out = model.base_model(
-        input_ids=input_ids[:, :-1],  # the last column predicts nothing inside the sequence
-        attention_mask=attention_mask[:, :-1],
-        position_ids=position_ids(attention_mask)[:, :-1],
-        use_cache=False,
-    )
-    return out.last_hidden_state[:, start - 1 :]
+    return trunk_states(model.base_model, input_ids, attention_mask, start, past)
+
+
+def reward_scores(
+    reward: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, past: Any | None = None
+) -> torch.Tensor:
+    """(B,) normalised reward-model scores read at each row's last real token (`RewardModel.score`), the prompt
+    columns but the last taken from `past` (a `prefix_cache` of the reward model's trunk)."""
+    trunk, head = reward.trunk_and_head()
+    hidden = trunk_states(trunk, input_ids, attention_mask, start, past, through_last=True)  # (B, T + 1, d)
+    columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    last = (columns * attention_mask.long()).argmax(-1) - (
+        start - 1
+    )  # (B,) last real token, in hidden's columns
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return reward.normalise(head(hidden[rows, last]).squeeze(-1).float())
 
 
 def response_logprobs(
@@ -235,11 +297,12 @@ def response_logprobs(
     *,
     with_logits: bool = False,
     with_log_softmax: bool = False,
+    past: Any | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """log pi(response token t | prefix) at `temperature` (B, T), the scaled logits (B, T, V) if asked (or their
     log-softmax, the full log pi(. | prefix), with `with_log_softmax`), and the hidden states (B, T, d) (a shared
-    value head reads them). The LM head runs on response columns only."""
-    hidden = response_hidden(model, input_ids, attention_mask, start)  # (B, T, d)
+    value head reads them). The LM head runs on response columns only; `past` is a `prefix_cache` of the prompt."""
+    hidden = response_hidden(model, input_ids, attention_mask, start, past)  # (B, T, d)
     # (h W^T) / temperature == (h / temperature) W^T: divide the (B, T, d) states, not the (B, T, V) logits
     logits = model.get_output_embeddings()(hidden / temperature).float()  # (B, T, V)
     log_softmax = torch.log_softmax(logits, dim=-1)  # (B, T, V)
@@ -267,8 +330,10 @@ class ValueModel(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int) -> torch.Tensor:
-        hidden = response_hidden(self.model, input_ids, attention_mask, start)  # (B, T, d)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int, past: Any | None = None
+    ) -> torch.Tensor:
+        hidden = response_hidden(self.model, input_ids, attention_mask, start, past)  # (B, T, d)
         return self.model.score(hidden).squeeze(-1).float()  # (B, T)
 
 

@@ -48,7 +48,10 @@ from rlhf.rollout import (
     concurrently,
     fast_gelu,
     finish_rollout,
+    prefix_cache,
+    prompt_columns,
     response_logprobs,
+    reward_scores,
     shape_scores,
 )
 from rlhf.tracking import log, progress, truncate_metrics
@@ -154,11 +157,6 @@ class PPOConfig(TrainingStageConfig):
             raise UserError(
                 f"config field 'grad_accum': {per_mb} responses per minibatch do not split into it"
             )
-        if self.gradient_checkpointing:
-            raise UserError(
-                "config field 'gradient_checkpointing': not supported by ppo (its models stay in eval mode, "
-                "where transformers does not checkpoint); use LoRA or bf16 to save memory"
-            )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,6 +234,10 @@ def load_models(config: PPOConfig, checkpoint: Path | None, with_reward: bool) -
     for model in (policy, ref, getattr(value, "model", None), reward.model if reward is not None else None):
         if model is not None:
             model.set_attn_implementation(kind)
+    if config.gradient_checkpointing:  # active only inside the PPO update (dist.checkpointing_in_eval_mode)
+        for model in (policy, getattr(value, "model", None)):
+            if model is not None:
+                dist.enable_gradient_checkpointing(model)
     return Models(policy, _frozen(ref) if ref is not None else None, value, reward, tokenizer, peft)
 
 
@@ -247,6 +249,19 @@ def _reference(models: Models) -> Any:
     else:
         with reference_logprobs_with_adapters_disabled(models.peft):
             yield models.policy
+
+
+def _prefix_trunks(models: Models, config: PPOConfig, score_fn: ScoreFn | None) -> dict[str, Any]:
+    """The trunks whose prompt columns can run while the policy samples: not the policy itself (nor, under LoRA,
+    the reference, which is the policy with adapters off)."""
+    trunks = {}
+    if models.peft is None:
+        trunks["ref"] = models.ref.base_model
+    if config.value_head == "separate":
+        trunks["value"] = models.value.model.base_model
+    if score_fn is None and models.reward is not None:
+        trunks["reward"] = models.reward.trunk_and_head()[0]
+    return trunks
 
 
 def _value_params(models: Models) -> list[torch.nn.Parameter]:
@@ -291,16 +306,30 @@ def collect_rollout(
 
     tok = models.tokenizer
     t0 = time.perf_counter()
-    gen = generate(
-        models.policy,
-        tok,
-        prompt_ids,
-        max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        generator=generator,
-        bf16=config.bf16,
-        fast=models.peft is None,  # the fast GPT-2 decoder reads plain weights; LoRA layers need the HF loop
-    )
+    cpu = str(config.device).startswith(
+        "cpu"
+    )  # a GPU's kernels are asynchronous already: no side-by-side there
+    trunks = _prefix_trunks(models, config, score_fn) if cpu else {}
+
+    def sample() -> Any:
+        return generate(
+            models.policy,
+            tok,
+            prompt_ids,
+            max_new_tokens=config.max_new_tokens,
+            temperature=config.temperature,
+            generator=generator,
+            bf16=config.bf16,
+            fast=models.peft
+            is None,  # the fast GPT-2 decoder reads plain weights; LoRA layers need the HF loop
+        )
+
+    def prefixes() -> dict[str, Any]:  # the frozen/value trunks over the prompts, while the policy samples
+        prompt = prompt_columns(prompt_ids, tok.pad_token_id)
+        with autocast(config.bf16, config.device):
+            return {name: prefix_cache(trunk, *prompt) for name, trunk in trunks.items()}
+
+    gen, past = concurrently(sample, prefixes, enabled=cpu)
     t1 = time.perf_counter()
     input_ids, attention_mask, start = join_prompt_response(
         prompt_ids, gen.response_ids, gen.response_mask, tok.pad_token_id
@@ -318,7 +347,9 @@ def collect_rollout(
 
     def reference() -> torch.Tensor:
         with autocast(config.bf16, config.device), _reference(models) as ref:
-            return response_logprobs(ref, input_ids, attention_mask, start, config.temperature)[0]
+            return response_logprobs(
+                ref, input_ids, attention_mask, start, config.temperature, past=past.get("ref")
+            )[0]
 
     def value_and_reward() -> tuple[torch.Tensor, torch.Tensor | None]:
         with autocast(config.bf16, config.device):
@@ -331,14 +362,17 @@ def collect_rollout(
             if config.value_head == "shared":
                 values = models.value(hidden)
             else:
-                values = models.value(input_ids, attention_mask, start)
-            return values, None if score_fn is not None else models.reward.score(input_ids, attention_mask)
+                values = models.value(input_ids, attention_mask, start, past.get("value"))
+            if score_fn is not None:
+                return values, None
+            if "reward" in past:
+                return values, reward_scores(models.reward, input_ids, attention_mask, start, past["reward"])
+            return values, models.reward.score(input_ids, attention_mask)
 
     # the reference and the value + reward models side by side, one core each (rollout.concurrently); not when both
     # would run the one LoRA policy (its reference is the policy with adapters off)
     apart = models.peft is not None and (config.recompute_logprobs or config.value_head == "shared")
-    together = not apart and str(config.device).startswith("cpu")  # a GPU's kernels are asynchronous already
-    ref_logp, (values, raw) = concurrently(reference, value_and_reward, enabled=together)
+    ref_logp, (values, raw) = concurrently(reference, value_and_reward, enabled=cpu and not apart)
     if score_fn is not None:
         raw = torch.as_tensor(score_fn(prompts, gen), dtype=torch.float32)
     rollout.ref_logprobs = ref_logp.float() * mask
@@ -655,16 +689,22 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
             try:
                 _check_finite(rollout)
                 t0 = time.perf_counter()
-                update = ppo_update(
-                    models,
-                    rollout,
-                    config,
-                    optimizers,
-                    schedulers,
-                    generator,
-                    ptx,
-                    sync_grads if world > 1 else None,
+                recompute = (
+                    (models.policy, getattr(models.value, "model", None))
+                    if config.gradient_checkpointing
+                    else ()
                 )
+                with dist.checkpointing_in_eval_mode(*(m for m in recompute if m is not None)):
+                    update = ppo_update(
+                        models,
+                        rollout,
+                        config,
+                        optimizers,
+                        schedulers,
+                        generator,
+                        ptx,
+                        sync_grads if world > 1 else None,
+                    )
                 timing["training"] = time.perf_counter() - t0
             except FloatingPointError as exc:
                 last = latest_checkpoint(out)
