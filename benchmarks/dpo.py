@@ -6,13 +6,19 @@ synthetic `sentiment` rubric (rlhf.labellers.gold_score; near-ties dropped); bat
 linear decay, fp32 unless stated, 2 epochs over the training pairs (TRL's default is 3). Both trained models are then scored by ONE function on held-out pairs
 (implicit-reward accuracy: beta*log(pi/ref) higher for the preferred response).
 
-Throughput is pairs trained / wall seconds of the whole training call: for `rlhf dpo` that includes loading,
+Throughput is pairs trained / seconds of the whole training call (wall seconds, and the process's own CPU seconds,
+all threads: on a busy shared machine the CPU-second ratio is the robust one; `--cpu-time` makes the RESULT lines use
+it, best with `--threads 1`): for `rlhf dpo` that includes loading,
 tokenizing, the one-off reference pass, checkpointing and saving; for TRL it is `trainer.train()` (its dataset
 tokenization happens earlier and is not counted). The reference pass is the same work for both in the first
 epoch; `rlhf dpo` caches it, TRL redoes it every epoch. The machine is noisy: compare ratios within one run.
 
     .venv/bin/python benchmarks/dpo.py --quick     # about a minute
     .venv/bin/python benchmarks/dpo.py             # more steps: accuracy has time to move
+    .venv/bin/python benchmarks/dpo.py --quick --threads 1 --cpu-time   # on a busy shared machine
+
+TRL runs at its defaults (SDPA attention, fp32; with bf16 its own `bf16=True`); ours at its defaults (eager
+attention on CPU, LM head on response columns only, reference log-probs cached). bf16 rows compare bf16 with bf16.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import torch
 
 from common import CORPUS, parse_args, peer_gpt2_config, peer_tokenizer, result, table
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PROMPT_TOKENS, RESPONSE_TOKENS, BATCH, BETA, LR, EPOCHS = 32, 48, 8, 0.1, 5e-4, 2
 
 
@@ -78,9 +85,16 @@ def held_out_accuracy(model, ref_model, tokenizer, pairs: list[dict]) -> float:
     return (margin > 0).float().mean().item()
 
 
+def _rates(run, pairs: int) -> dict[str, float]:
+    """pairs/s of `run()` by wall and by this process's CPU seconds."""
+    start = {name: clock() for name, clock in CLOCKS.items()}
+    run()
+    return {name: pairs / (clock() - start[name]) for name, clock in CLOCKS.items()}
+
+
 def run_ours(
     base: Path, train: list[dict], steps: int, work: Path, threads: int, bf16: bool
-) -> tuple[float, Path]:
+) -> tuple[dict[str, float], Path]:
     from rlhf.config import load_config
     from rlhf.data.records import Comparison, write_jsonl
     from rlhf.stages.dpo import DPOConfig, run
@@ -95,13 +109,12 @@ def run_ours(
         "save_every": 10_000, "threads": threads, "bf16": bf16, "seed": 0,
     }  # fmt: skip
     config = load_config(DPOConfig, None, [f"{k}={v}" for k, v in overrides.items()])
-    start = time.perf_counter()
-    run(config)
-    seconds = time.perf_counter() - start
-    return steps * BATCH / seconds, work / "runs" / name / "dpo" / "model"
+    return _rates(lambda: run(config), steps * BATCH), work / "runs" / name / "dpo" / "model"
 
 
-def run_trl(base: Path, tokenizer, train: list[dict], steps: int, work: Path) -> tuple[float, object]:
+def run_trl(
+    base: Path, tokenizer, train: list[dict], steps: int, work: Path, bf16: bool
+) -> tuple[dict[str, float], object]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
@@ -116,19 +129,22 @@ def run_trl(base: Path, tokenizer, train: list[dict], steps: int, work: Path) ->
         output_dir=str(work / "trl"), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
         beta=BETA, lr_scheduler_type="linear", warmup_steps=0, max_length=PROMPT_TOKENS + RESPONSE_TOKENS,
         logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
-        bf16=False, disable_tqdm=True,
+        bf16=bf16, disable_tqdm=True,
     )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(base)
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
-    start = time.perf_counter()
-    trainer.train()
-    seconds = time.perf_counter() - start
-    return steps * BATCH / seconds, trainer.model
+    return _rates(trainer.train, steps * BATCH), trainer.model
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(
+        __doc__.splitlines()[0],
+        lambda p: p.add_argument(
+            "--cpu-time", action="store_true", help="RESULT lines by process CPU seconds (busy machine)"
+        ),
+    )
     logging.getLogger("rlhf").setLevel(logging.WARNING)
+    clock = "cpu" if args.cpu_time else "wall"
     steps = 20 if args.quick else 150
     n_train, n_val = steps * BATCH // EPOCHS, 64 if args.quick else 200
     tokenizer = peer_tokenizer()
@@ -144,25 +160,42 @@ def main() -> None:
         tokenizer.save_pretrained(base)
         ref = AutoModelForCausalLM.from_pretrained(base)
 
-        trl_rate, trl_model = run_trl(base, tokenizer, train, steps, work)
-        trl_acc = held_out_accuracy(trl_model, ref, tokenizer, val)
-        ours_rate, ours_path = run_ours(base, train, steps, work, args.threads, bf16=False)
-        ours_acc = held_out_accuracy(AutoModelForCausalLM.from_pretrained(ours_path), ref, tokenizer, val)
-        bf16_rate, bf16_path = run_ours(base, train, steps, work, args.threads, bf16=True)
-        bf16_acc = held_out_accuracy(AutoModelForCausalLM.from_pretrained(bf16_path), ref, tokenizer, val)
+        rows, rates, accs = [], {}, {}
+        for bf16 in (False, True):
+            precision = "bf16" if bf16 else "fp32"
+            rate, model = run_trl(base, tokenizer, train, steps, work, bf16)
+            rates["trl", precision], accs["trl", precision] = (
+                rate,
+                held_out_accuracy(model, ref, tokenizer, val),
+            )
+            del model
+            rate, path = run_ours(base, train, steps, work, args.threads, bf16)
+            rates["ours", precision] = rate
+            accs["ours", precision] = held_out_accuracy(
+                AutoModelForCausalLM.from_pretrained(path), ref, tokenizer, val
+            )
+            for who, name in (("trl", "TRL 1.12 DPOTrainer"), ("ours", "rlhf dpo")):
+                r = rates[who, precision]
+                rows.append([f"{name} ({precision})", r["wall"], r["cpu"], accs[who, precision]])
 
         shape = f"{PROMPT_TOKENS}+{RESPONSE_TOKENS} tokens"
         print(f"\n{steps} steps x {BATCH} pairs ({EPOCHS} epochs of {len(train)} pairs, {shape}), "
               f"{len(val)} held-out pairs, {args.threads} threads")  # fmt: skip
-        print(table(
-            [["TRL 1.12 DPOTrainer (fp32)", trl_rate, trl_acc], ["rlhf dpo (fp32)", ours_rate, ours_acc],
-             ["rlhf dpo (bf16=true)", bf16_rate, bf16_acc]],
-            ["trainer", "pairs/s", "held-out accuracy"],
-        ))  # fmt: skip
-        result("dpo_pairs_per_s_fp32", ours_rate, trl_rate, "pairs/s")
-        result("dpo_pairs_per_s_bf16", bf16_rate, trl_rate, "pairs/s")
-        result("dpo_heldout_accuracy_fp32", ours_acc, trl_acc, "accuracy")
-        result("dpo_heldout_accuracy_bf16", bf16_acc, trl_acc, "accuracy")
+        print(table(rows, ["trainer", "pairs/s (wall)", "pairs/CPU-s", "held-out accuracy"]))
+        print(f"RESULT lines use {'CPU' if args.cpu_time else 'wall'} seconds")
+        for precision in ("fp32", "bf16"):
+            ours, peer = rates["ours", precision][clock], rates["trl", precision][clock]
+            result(
+                f"dpo_pairs_per_s_{precision}", ours, peer, "pairs/s" if clock == "wall" else "pairs/cpu-s"
+            )
+        result("dpo_bf16_vs_trl_fp32", rates["ours", "bf16"][clock], rates["trl", "fp32"][clock], "pairs/s")
+        for precision in ("fp32", "bf16"):
+            result(
+                f"dpo_heldout_accuracy_{precision}",
+                accs["ours", precision],
+                accs["trl", precision],
+                "accuracy",
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
