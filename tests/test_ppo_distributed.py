@@ -4,6 +4,7 @@ adapters train, the merged policy is a plain Hugging Face model equal to the ada
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlhf.lora import load_adapter_checkpoint
@@ -60,3 +61,44 @@ def test_lora_policy_reference_is_the_base_and_merged_policy_is_plain(
     config.resume = True
     again = load_file(f"{run(config, score_fn=target_share)['model']}/model.safetensors")
     assert all(torch.allclose(again[k], merged[k], atol=1e-6) for k in merged)
+
+
+def test_gradient_checkpointing_recomputes_and_changes_nothing(
+    tmp_path,
+    tiny_checkpoint,
+    prompt_file,  # noqa: F811 (the fixture imported above)
+    monkeypatch,
+):
+    """PPO keeps its models in eval mode (dropout off); `gradient_checkpointing=true` still recomputes the policy's
+    and value model's layers in backward (only during the update), with the same numbers."""
+    import transformers.modeling_utils as hf
+
+    calls = []
+    real = hf.checkpoint
+    monkeypatch.setattr(hf, "checkpoint", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    common = ("iterations=2", "batch_size=8", "threads=1", "value_model=" + str(tiny_checkpoint))
+    run(tiny_config(tmp_path, tiny_checkpoint, prompt_file, *common, "name=plain"), score_fn=target_share)
+    assert not calls
+    run(
+        tiny_config(
+            tmp_path, tiny_checkpoint, prompt_file, *common, "name=ckpt", "gradient_checkpointing=true"
+        ),
+        score_fn=target_share,
+    )
+    # 2 layers x (policy + value) x 2 minibatches x 2 epochs x 2 iterations
+    assert len(calls) == 2 * 2 * 2 * 2 * 2
+    keys = (
+        "objective/score",
+        "objective/kl",
+        "policy/loss",
+        "value/loss",
+        "policy/clipfrac",
+        "objective/entropy",
+    )
+    plain, ckpt = (
+        [{k: r[k] for k in keys} for r in read_metrics(tmp_path / "runs" / n / "ppo")]
+        for n in ("plain", "ckpt")
+    )
+    assert len(plain) == 2
+    for a, b in zip(plain, ckpt):
+        assert b == pytest.approx(a, abs=1e-6)

@@ -136,9 +136,31 @@ def enable_gradient_checkpointing(model: Any) -> None:
     """Recompute activations in the backward pass (less memory, ~30% more compute). Works for LoRA models too:
     non-reentrant checkpointing needs no input that requires grad."""
     base = getattr(model, "module", model)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if getattr(base, "config", None) is not None:
         base.config.use_cache = False
+
+
+@contextlib.contextmanager
+def checkpointing_in_eval_mode(*models: Any) -> Iterator[None]:
+    """Inside the block, activation checkpointing works for models kept in eval mode (PPO: dropout off while training).
+
+    transformers checkpoints a layer only when the layer itself is in training mode. This flips the `training` flag
+    of the checkpointing layers alone (after `enable_gradient_checkpointing`), not of their children: Dropout and
+    attention keep eval behaviour, so the numbers are those of eval mode, and the layers are restored on exit
+    (sampling with a KV cache must not run under checkpointing, which drops the cache)."""
+    layers = [m for model in models for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    flags = [m.training for m in layers]
+    for m in layers:
+        m.training = True
+    try:
+        yield
+    finally:
+        for m, flag in zip(layers, flags):
+            m.training = flag
 
 
 def rank_slice(items: Sequence[Any], accelerator: Any) -> list[Any]:
