@@ -306,9 +306,8 @@ def collect_rollout(
 
     tok = models.tokenizer
     t0 = time.perf_counter()
-    cpu = str(config.device).startswith(
-        "cpu"
-    )  # a GPU's kernels are asynchronous already: no side-by-side there
+    # a GPU's kernels are asynchronous already: no side-by-side there
+    cpu = str(config.device).startswith("cpu")
     trunks = _prefix_trunks(models, config, score_fn) if cpu else {}
 
     def sample() -> Any:
@@ -320,8 +319,8 @@ def collect_rollout(
             temperature=config.temperature,
             generator=generator,
             bf16=config.bf16,
-            fast=models.peft
-            is None,  # the fast GPT-2 decoder reads plain weights; LoRA layers need the HF loop
+            # the fast GPT-2 decoder reads plain weights; LoRA layers need the HF loop
+            fast=models.peft is None,
         )
 
     def prefixes() -> dict[str, Any]:  # the frozen/value trunks over the prompts, while the policy samples
