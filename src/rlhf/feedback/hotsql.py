@@ -87,7 +87,7 @@ class _Compiled:
         return out
 
 
-_compiled: dict[tuple, _Compiled] = {}
+_compiled: dict[tuple, _Compiled] = {}  # meant for module-level statements: a handful of entries
 
 
 class SqliteRunner:
@@ -98,7 +98,7 @@ class SqliteRunner:
 
     def _execute(self, stmt: Executable, params: dict) -> tuple[sqlite3.Cursor, _Compiled]:
         shape = tuple(len(v) if isinstance(v, tuple) else None for v in params.values())
-        key = (id(stmt), tuple(params), shape)
+        key = (stmt, tuple(params), shape)  # the statement itself (identity-hashed), so it stays alive
         compiled = _compiled.get(key)
         if compiled is None:
             compiled = _compiled[key] = _Compiled(stmt, params)
