@@ -202,7 +202,11 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
 def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
     """Entropy -sum p log p from full log-probabilities (a log_softmax already computed). (..., V) -> (...)."""
     logprobs = logprobs.float()
-    # clamp: a -inf log-prob (p = 0) contributes 0 * finite = 0 instead of 0 * -inf = NaN
+    # sum_v p_v log p_v as one (1, V) x (V, 1) product per row: two passes over the (..., V) tensor, not four
+    entropy = -torch.matmul(logprobs.exp().unsqueeze(-2), logprobs.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+    if torch.isfinite(entropy).all():
+        return entropy
+    # a -inf log-prob (p = 0) makes 0 * -inf = NaN there: clamp it so it contributes 0 * finite = 0
     return -(logprobs.exp() * logprobs.clamp(min=torch.finfo(logprobs.dtype).min)).sum(-1)
 
 

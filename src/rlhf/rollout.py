@@ -304,10 +304,11 @@ def response_logprobs(
     value head reads them). The LM head runs on response columns only; `past` is a `prefix_cache` of the prompt."""
     hidden = response_hidden(model, input_ids, attention_mask, start, past)  # (B, T, d)
     # (h W^T) / temperature == (h / temperature) W^T: divide the (B, T, d) states, not the (B, T, V) logits
-    logits = model.get_output_embeddings()(hidden / temperature).float()  # (B, T, V)
-    log_softmax = torch.log_softmax(logits, dim=-1)  # (B, T, V)
+    logits = model.get_output_embeddings()(hidden / temperature)  # (B, T, V), bf16 under autocast
+    # fp32 log-softmax read straight from the (bf16) logits: no separate fp32 copy of them, nor its backward
+    log_softmax = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (B, T, V)
     logp = log_softmax.gather(-1, input_ids[:, start:, None]).squeeze(-1)  # (B, T)
-    return logp, (log_softmax if with_log_softmax else logits if with_logits else None), hidden
+    return logp, (log_softmax if with_log_softmax else logits.float() if with_logits else None), hidden
 
 
 def fast_gelu(model: torch.nn.Module) -> torch.nn.Module:
