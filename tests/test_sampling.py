@@ -250,3 +250,24 @@ def test_token_logprobs_from_start_equals_the_sliced_full_pass(tiny_tokenizer, p
     torch.testing.assert_close(cut, full[:, start - 1 :])
     with pytest.raises(ValueError):
         token_logprobs(model, ids, mask, start=ids.shape[1] - 1)
+
+
+def test_two_level_sampling_draws_from_the_softmax():
+    """`_sample` (block by mass, then token inside the block) has the distribution of the probabilities it gets:
+    its total-variation distance to them is that of torch.multinomial with as many draws; zero mass is never drawn.
+    A vocabulary that is not a multiple of the block width (1000) exercises the padded last block."""
+    vocab, draws = 1000, 40_000
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(vocab, generator=g) * 2
+    logits[::7] = -float("inf")  # zero-probability tokens spread over every block
+    logits[900:] -= 4.0  # uneven block masses
+    probs = torch.softmax(logits, -1)
+    tokens = sampling._sample(probs.expand(draws, vocab).contiguous(), g)
+    assert tokens.shape == (draws,) and (probs[tokens] > 0).all()
+    freq = torch.bincount(tokens, minlength=vocab).float() / draws
+    expected_tv = 0.5 * (2 * probs * (1 - probs) / (torch.pi * draws)).sqrt().sum()  # E|TV| of exact sampling
+    assert 0.5 * (freq - probs).abs().sum() < 1.3 * expected_tv
+    # and one-hot rows always give their token
+    onehot = torch.zeros(3, vocab)
+    onehot[0, 0], onehot[1, 999], onehot[2, 517] = 1.0, 1.0, 1.0
+    assert sampling._sample(onehot, g).tolist() == [0, 999, 517]
