@@ -145,11 +145,13 @@ def test_best_of_n_picks_by_proxy_in_disjoint_groups():
 
 def test_policy_labels_and_human_win_rate(tmp_path):
     from rlhf.data.records import Comparison, write_jsonl
-    from rlhf.evaluate import export_pairs, human_win_rate, policy_label
+    from rlhf.evaluate import export_pairs, human_win_rate, policy_label, policy_method
 
     assert policy_label("runs/demo/round-2/ppo/model") == "round-2/ppo"
     assert policy_label("runs/demo/round-1/ppo/snapshots/iter-000020") == "round-1/ppo@20"
     assert policy_label("runs/demo/sft/model") == "sft"
+    assert policy_label("runs/demo/round-2/dpo/model") == "round-2/dpo"
+    assert [policy_method(x) for x in ("round-2/dpo", "round-1/ppo@20", "sft")] == ["dpo", "ppo", "sft"]
     # pairs for the app: one K=2 record per (prompt, sample), both policies named, sides shuffled
     pol, ref = _scored([0, 0], [0, 0]), _scored([0, 0], [0, 0])
     ref.texts = ["r0", "r1"]

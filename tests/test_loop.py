@@ -1,8 +1,9 @@
 """The RLHF loop end to end at CI size (configs/loop_ci.yaml), its resume, and the pieces it is made of.
 
 The CI loop runs once per session (module fixture): pretrain -> SFT -> 2 rounds of sample -> label -> reward -> PPO
--> eval -> report. The resume test copies that run, rewinds it to a kill inside round 2's PPO, and checks that
-`resume=true` (through a `stop_after` stop and a second resume) ends at the same final metrics.
+-> DPO (compare_dpo: on the same comparisons) -> eval -> report. The resume test copies that run, rewinds it to a
+kill inside round 2's PPO (and DPO), and checks that `resume=true` (through a `stop_after` stop and a second resume)
+ends at the same final metrics. The method=dpo test continues a copy after round 1's labels with DPO instead.
 """
 
 from __future__ import annotations
@@ -72,11 +73,27 @@ def test_ci_loop_learns_the_gold_preference_and_reports(ci_run):
     state = json.loads((run / "state.json").read_text())
     assert list(state["stages"]) == _load_ci(run.parent).stage_names()
     for r in (1, 2):
-        for stage in ("sample", "label", "reward", "ppo", "eval"):
+        for stage in ("sample", "label", "reward", "ppo", "dpo", "eval"):
             assert (run / f"round-{r}" / stage).is_dir()
-    # round 2's reward model trained on both rounds' comparisons
-    reward_cfg = (run / "round-2" / "reward" / "config.yaml").read_text()
-    assert "round-1/label/comparisons.jsonl" in reward_cfg and "round-2/label/comparisons.jsonl" in reward_cfg
+    # round 2's reward model and DPO trained on both rounds' comparisons
+    for stage in ("reward", "dpo"):
+        cfg = (run / "round-2" / stage / "config.yaml").read_text()
+        assert "round-1/label/comparisons.jsonl" in cfg and "round-2/label/comparisons.jsonl" in cfg
+    # round 2's DPO continues round 1's DPO policy, with SFT as its reference (the anchor PPO and eval use)
+    from rlhf.stages.dpo import DPOConfig
+
+    dpo2 = load_config(DPOConfig, str(run / "round-2" / "dpo" / "config.yaml"), [])
+    assert (
+        Path(dpo2.model.path) == run / "round-1" / "dpo" / "model"
+        and Path(dpo2.reference) == run / "sft" / "model"
+    )
+    # each DPO round raised the implicit-reward margin on held-out prompts' pairs (it is exactly 0 at step 0)
+    for r in (1, 2):
+        dpo = state["stages"][f"round-{r}/dpo"]["summary"]
+        print(
+            f"CI loop round-{r} DPO: held-out margin {dpo['val/margin']:.3f} accuracy {dpo['val/accuracy']:.2f}"
+        )
+        assert dpo["val/margin"] > 0.05 and dpo["val/accuracy"] > 0.5, dpo
 
     ev = _final_eval(run)
     sft = ev["policies"][ev["reference"]]
@@ -91,6 +108,19 @@ def test_ci_loop_learns_the_gold_preference_and_reports(ci_run):
     max_new = 20  # eval.max_new_tokens of the CI config
     assert math.isfinite(final["kl/mean"]) and 0 < final["kl/mean"] < max_new * math.log(vocab)
     assert all(math.isfinite(v["kl/mean"]) for v in ev["policies"].values())
+    # DPO's final policy evaluated beside PPO's on the same prompts: every headline number finite
+    dpo = ev["policies"]["round-2/dpo"]
+    assert dpo["role"] == "policy" and dpo["method"] == "dpo" and final["method"] == "ppo"
+    print("CI loop DPO gold", dpo["gold/score"], "KL", dpo["kl/mean"], "win", dpo["win_rate/gold"])
+    keys = (
+        "gold/score",
+        "proxy/score",
+        "kl/mean",
+        "win_rate/gold",
+        "diversity/distinct_2",
+        "diversity/self_bleu",
+    )
+    assert all(math.isfinite(dpo[k]) for k in keys) and dpo["kl/mean"] > 0
     # best-of-n at the analytic KL
     assert [b["n"] for b in ev["best_of_n"]] == [1, 2, 4, 8]
     assert ev["best_of_n"][2]["kl"] == pytest.approx(math.log(4) - 0.75)
@@ -103,11 +133,15 @@ def test_ci_loop_learns_the_gold_preference_and_reports(ci_run):
         r'<img id="fig-([\w-]+)" alt="[^"]*" src="data:image/png;base64,[A-Za-z0-9+/=]{200,}"', html
     )
     expected = {"rounds", "overoptimisation", "diversity", "curves-pretrain", "curves-sft"}
-    expected |= {f"curves-round-{r}-{s}" for r in (1, 2) for s in ("reward", "ppo")}
+    expected |= {f"curves-round-{r}-{s}" for r in (1, 2) for s in ("reward", "ppo", "dpo")}
     assert expected <= set(ids), expected - set(ids)
     assert html.count("<img ") == len(ids)
     assert result["report"] == str(run / "report.html")
     assert len(result["summary"]) == 5 and result["summary"][0].startswith("gold score")
+    assert "round-2/dpo" in result["summary"][0]
+    # one table holds SFT and both methods' final policies of each round
+    table = re.search(r"<table id='methods'>(.*?)</table>", html, re.S).group(1)
+    assert all(f"round-{r}/{m}" in table for r in (1, 2) for m in ("ppo", "dpo"))
 
 
 @pytest.mark.slow
@@ -129,6 +163,10 @@ def test_resume_after_a_kill_ends_at_the_same_metrics(ci_run, tmp_path):
     assert len(checkpoints) >= 2, "the CI config must keep two PPO checkpoints for this test"
     shutil.rmtree(checkpoints[-1])
     shutil.rmtree(ppo / "model")
+    dpo = copy / "round-2" / "dpo"  # DPO had not finished either: killed between its two checkpoints
+    dpo_checkpoints = sorted((dpo / "checkpoints").glob("step-*"))
+    shutil.rmtree(dpo_checkpoints[-1])
+    shutil.rmtree(dpo / "model")
     shutil.rmtree(copy / "round-2" / "eval")
     (copy / "report.html").unlink()
 
@@ -139,9 +177,10 @@ def test_resume_after_a_kill_ends_at_the_same_metrics(ci_run, tmp_path):
     assert f"resumed from {checkpoints[-2]}" in (ppo / "log.txt").read_text()
     result = run_loop(_load_ci(tmp_path, "resume=true"))
     assert (copy / "report.html").exists() and result["summary"]
+    assert f"resumed from {dpo_checkpoints[-2]}" in (dpo / "log.txt").read_text()
 
     original, resumed = _final_eval(run), _final_eval(copy)
-    for label in ("sft", "round-2/ppo"):
+    for label in ("sft", "round-2/ppo", "round-2/dpo"):
         for key in ("gold/score", "proxy/score", "kl/mean", "win_rate/gold", "diversity/distinct_2"):
             assert resumed["policies"][label][key] == pytest.approx(
                 original["policies"][label][key], abs=1e-4
@@ -185,10 +224,45 @@ def test_story_examples_cut_opening_and_continuation():
     ]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_method_dpo_replaces_reward_and_ppo(ci_run, tmp_path):
+    """method=dpo: after round 1's labels (SFT samples, the same as the PPO run's), DPO and eval; no reward model."""
+    from rlhf.loop import Loop
+    from rlhf.report import summary_lines
+
+    run, _ = ci_run
+    copy = tmp_path / "loop-ci"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("round-2", "report.html"))
+    for stage in ("reward", "ppo", "dpo", "eval"):
+        shutil.rmtree(copy / "round-1" / stage)
+    state = json.loads((copy / "state.json").read_text())
+    keep = ("data", "pretrain", "sft", "round-1/sample", "round-1/label")
+    state["stages"] = {k: v for k, v in state["stages"].items() if k in keep}
+    (copy / "state.json").write_text(json.dumps(state))
+    config = _load_ci(tmp_path, "method=dpo", "compare_dpo=false", "resume=true", "stop_after=round-1/eval")
+    assert config.stage_names()[3:] == ["round-1/sample", "round-1/label", "round-1/dpo", "round-1/eval"] + [
+        f"round-2/{s}" for s in ("sample", "label", "dpo", "eval")
+    ]
+    # round 2 would sample from, and continue, round 1's DPO policy
+    assert Loop(config).policy_before(2) == str(copy / "round-1" / "dpo" / "model")
+    run_loop(config)
+    assert not (copy / "round-1" / "reward").exists() and not (copy / "round-1" / "ppo").exists()
+    ev = json.loads((copy / "round-1" / "eval" / "metrics.json").read_text())
+    assert list(ev["policies"]) == ["sft", "round-1/dpo"] and ev["best_of_n"] == []  # no RM: no best-of-n
+    dpo = ev["policies"]["round-1/dpo"]
+    assert math.isnan(dpo["proxy/score"]) and math.isfinite(dpo["gold/score"]) and dpo["kl/mean"] > 0
+    lines = summary_lines(copy)
+    assert len(lines) == 5 and "-> round-1/dpo" in lines[0]
+
+
 def test_loop_config_checks_and_stage_wiring(tmp_path):
     config = _load_ci(tmp_path)
     names = config.stage_names()
-    assert names[:3] == ["data", "pretrain", "sft"] and names[-1] == "round-2/eval" and len(names) == 13
+    assert names[:3] == ["data", "pretrain", "sft"] and names[-1] == "round-2/eval" and len(names) == 15
+    assert names[3:9] == [f"round-1/{s}" for s in ("sample", "label", "reward", "ppo", "dpo", "eval")]
+    with pytest.raises(UserError, match="compare_dpo"):
+        _load_ci(tmp_path, "method=dpo")  # the CI config compares: DPO alone is compare_dpo=false
     with pytest.raises(UserError, match="stop_after"):
         _load_ci(tmp_path, "stop_after=round-9/ppo")
     with pytest.raises(UserError, match="import_comparisons"):

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from rlhf.report import build_report, curve_keys, numeric_series, summary_lines
+from rlhf.report import _methods_section, build_report, curve_keys, numeric_series, read_evals, summary_lines
 
 
 def _policy(gold, proxy, kl, win, d2, role, **extra):
@@ -18,7 +18,7 @@ def _policy(gold, proxy, kl, win, d2, role, **extra):
     }  # fmt: skip
 
 
-def _write_run(run: Path) -> None:
+def _write_run(run: Path, with_dpo: bool = False) -> None:
     for stage, key in (("pretrain", "train/loss"), ("sft", "val/loss")):
         (run / stage).mkdir(parents=True)
         rows = [{"step": s, "time": 0.0, key: 5.0 - s, "note": "text is ignored"} for s in range(4)]
@@ -39,6 +39,10 @@ def _write_run(run: Path) -> None:
             f"round-{r}/ppo@10": _policy(0.1 * r, 0.5, 1.0, 0.6, 0.7, "snapshot", step=10),
             f"round-{r}/ppo": _policy(0.3 * r, 1.0 * r, 2.0 * r, 0.7, 0.8 - 0.2 * r, "policy"),
         }
+        if with_dpo:  # compare_dpo: DPO's final policy on the same prompts, after PPO's
+            policies[f"round-{r}/dpo"] = _policy(
+                0.25 * r, 0.4 * r, 1.5 * r, 0.65, 0.75, "policy", method="dpo"
+            )
         bon = [{"n": n, "kl": 0.1 * n, "sqrt_kl": (0.1 * n) ** 0.5, "gold/score": 0.05 * n, "proxy/score": 0.2 * n}
                for n in (1, 2, 4)]  # fmt: skip
         ev = {"reference": "sft", "prompts": 2, "samples_per_prompt": 1, "rm_accuracy": 0.7,
@@ -75,6 +79,7 @@ def test_report_embeds_every_plot_and_shows_the_numbers(tmp_path):
     assert "round-1/ppo says" in html and "round-2/ppo says" in html
     assert "round-2/ppo@10 says" not in html  # snapshots are in the tables, not the sample columns
     assert "12.5" in html  # stage timings from state.json
+    assert "id='methods'" not in html  # one method: no methods-compared table
 
 
 def test_summary_lines_read_the_last_round(tmp_path):
@@ -99,3 +104,21 @@ def test_curve_keys_pick_training_metrics():
     series = numeric_series(rows + [{"step": 3, "objective/kl": float("nan")}])
     assert "objective/kl" not in series  # NaN dropped
     assert curve_keys(series) == ["train/loss", "val/accuracy"]
+
+
+def test_ppo_and_dpo_side_by_side_in_one_table(tmp_path):
+    """The methods table (the CI loop checks it inside a built report, with its plots) and the summary."""
+    run = tmp_path / "compare"
+    _write_run(run, with_dpo=True)
+    table = re.search(r"<table id='methods'>(.*?)</table>", _methods_section(read_evals(run)), re.S)
+    assert table, "no methods table"
+    rows = re.findall(r"<tr>(.*?)</tr>", table.group(1), re.S)[1:]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row, re.S) for row in rows]
+    assert [c[:3] for c in cells] == [
+        ["SFT", "sft", "-"], ["round-1/ppo", "ppo", "round-1"], ["round-1/dpo", "dpo", "round-1"],
+        ["round-2/ppo", "ppo", "round-2"], ["round-2/dpo", "dpo", "round-2"],
+    ]  # fmt: skip
+    assert cells[4][3:6] == ["0.5", "0.8", "3"]  # round-2/dpo: gold 0.25*2, proxy 0.4*2, KL 1.5*2
+    lines = summary_lines(run)
+    assert len(lines) == 5
+    assert "-> round-2/ppo +0.600" in lines[0] and "; round-2/dpo +0.500 (KL 3.00, win 0.65)" in lines[0]

@@ -102,6 +102,11 @@ def policy_label(path: str | Path) -> str:
     return "/".join(keep) + step
 
 
+def policy_method(label: str) -> str:
+    """The method a policy label names: round-2/dpo -> dpo, round-1/ppo@40 -> ppo, sft -> sft."""
+    return label.split("@")[0].rsplit("/", 1)[-1]
+
+
 def model_folder(path: Path) -> Path | None:
     """The causal LM folder inside a final model or a checkpoint (`policy/` part), or None."""
     for candidate in (path / "policy", path):
@@ -372,7 +377,12 @@ def run(config: EvalConfig) -> dict[str, Any]:
     ref = _subset(pool, n_max, k)
     bar.update(1)
     results: dict[str, dict] = {
-        ref_label: {"path": str(config.reference), "role": "reference", **summarise(ref, ref, config)}
+        ref_label: {
+            "path": str(config.reference),
+            "role": "reference",
+            "method": policy_method(ref_label),
+            **summarise(ref, ref, config),
+        }
     }
     scored = {ref_label: ref}
     # 2. Every policy and snapshot, on the same prompts and the same sampling seed.
@@ -384,6 +394,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
         row = {
             "path": str(folder),
             "role": "snapshot" if label in snapshot_of else "policy",
+            "method": policy_method(label),
             **summarise(s, ref, config),
         }
         if label in snapshot_of:
@@ -461,11 +472,13 @@ def main(argv: list[str]) -> int:
     if config is None:
         return 0
     summary = run(config)
+    # one line per policy, side by side: e.g. `rlhf eval runs/x/round-2/ppo/model runs/x/round-2/dpo/model ...`
+    print(f"{'policy':<24} {'method':<6} gold    proxy   KL     win   distinct-2 self-BLEU entropy")  # noqa: T201
     for label, row in summary["policies"].items():
         print(  # noqa: T201
-            f"{label:<24} gold {row['gold/score']:+.3f}  proxy {row['proxy/score']:+.3f}  KL {row['kl/mean']:.2f}  "
-            f"win {row['win_rate/gold']:.2f}  distinct-2 {row['diversity/distinct_2']:.3f}  "
-            f"self-BLEU {row['diversity/self_bleu']:.3f}"
+            f"{label:<24} {row.get('method', ''):<6} {row['gold/score']:+.3f}  {row['proxy/score']:+.3f}  "
+            f"{row['kl/mean']:5.2f}  {row['win_rate/gold']:.2f}  {row['diversity/distinct_2']:.3f}      "
+            f"{row['diversity/self_bleu']:.3f}     {row['diversity/entropy']:.2f}"
         )
     for row in summary["best_of_n"]:
         bon = f"best-of-{row['n']:<3} KL {row['kl']:.2f}  gold {row['gold/score']:+.3f}"

@@ -5,12 +5,17 @@
          reward (on ALL comparisons so far) -> ppo (from the current policy, reference = SFT) -> eval}
     -> report.html + a 5-line summary
 
+`method: dpo` replaces reward + ppo by one `dpo` stage: DPO on ALL comparisons so far, from the current policy, with
+the SFT model as reference (`dpo_reference: previous` makes the previous policy the reference instead: iterative
+DPO). `compare_dpo: true` keeps PPO as the method that samples the next round and also trains a DPO policy track on
+the same comparisons each round (round-<r>/dpo, starting from round r-1's DPO policy), evaluated beside PPO.
+
 Each stage is the same `run(config)` that its CLI calls; the loop only builds their configs, calls them in order
 and records each completed stage in `runs/<name>/state.json`. With `resume=true` completed stages are skipped and
 the first unfinished one is called with `resume=true`, so it continues from its own newest checkpoint. Folders:
-`runs/<name>/{data,pretrain,sft}/` and `runs/<name>/round-<r>/{sample,label,reward,ppo,eval}/`.
+`runs/<name>/{data,pretrain,sft}/` and `runs/<name>/round-<r>/{sample,label,reward,ppo,dpo,eval}/`.
 
-Per-stage settings live in the config's `pretrain:`, `sft:`, `sample:`, `reward:`, `ppo:` and `eval:` sections
+Per-stage settings live in the config's `pretrain:`, `sft:`, `sample:`, `reward:`, `ppo:`, `dpo:`, `eval:` sections
 (any field of that stage's config); the loop sets the wiring (model paths, data files, run folders) itself.
 """
 
@@ -34,7 +39,7 @@ from rlhf.tracking import setup_logging
 log = logging.getLogger("rlhf")
 
 DEFAULT_CORPUS = "data/corpus/children_stories_5books.txt"
-ROUND_STAGES = ("sample", "label", "reward", "ppo", "eval")
+ROUND_STAGES = ("sample", "label", "reward", "ppo", "dpo", "eval")  # the stages a round may have, in order
 
 
 @dataclass
@@ -42,7 +47,22 @@ class LoopConfig(StageConfig):
     model: ModelConfig = option(
         ModelConfig(), "base model: `path` skips pre-training; else `preset` is pre-trained"
     )
-    rounds: int = option(2, "RLHF rounds of sample -> label -> reward -> ppo -> eval", low=1)
+    rounds: int = option(2, "RLHF rounds of sample -> label -> reward -> ppo (or dpo) -> eval", low=1)
+    method: str = option(
+        "ppo",
+        "how each round optimises the policy: ppo (reward model + PPO) or dpo (DPO on the comparisons, no reward "
+        "model); the method's policy samples the next round",
+        choices=("ppo", "dpo"),
+    )
+    compare_dpo: bool = option(
+        False, "method=ppo: also train DPO on the same comparisons each round and evaluate it beside PPO"
+    )
+    dpo_reference: str = option(
+        "sft",
+        "reference of each round's DPO: sft (round r starts from round r-1's DPO policy, reference = SFT) or "
+        "previous (the policy it starts from: iterative DPO, the KL tie restarts every round)",
+        choices=("sft", "previous"),
+    )
     corpus: str = option(DEFAULT_CORPUS, "plain-text corpus: pre-training text and the story task's source")
     story_demos: int = option(400, "story-continuation demonstrations cut from the corpus for SFT", low=0)
     prompts: int = option(256, "story prompts for sampling and PPO (disjoint from demos and eval)", low=1)
@@ -80,6 +100,7 @@ class LoopConfig(StageConfig):
     sample: dict = option({}, "settings of each round's sample stage (rlhf sample --help)")
     reward: dict = option({}, "settings of each round's reward stage (rlhf reward --help)")
     ppo: dict = option({}, "settings of each round's ppo stage (rlhf ppo --help)")
+    dpo: dict = option({}, "settings of each round's dpo stage (rlhf dpo --help)")
     eval: dict = option({}, "settings of each round's eval (rlhf eval --help)")
 
     def validate(self) -> None:
@@ -88,6 +109,10 @@ class LoopConfig(StageConfig):
             raise UserError("config field 'import_comparisons': labeller=import needs at least one file")
         if self.labeller == "human" and not self.feedback_db:
             raise UserError("config field 'feedback_db': labeller=human needs the feedback app's database")
+        if self.compare_dpo and self.method == "dpo":
+            raise UserError(
+                "config field 'compare_dpo': method=dpo already trains DPO; compare_dpo needs method=ppo"
+            )
         names = self.stage_names()
         if self.stop_after and self.stop_after not in names:
             raise UserError(
@@ -97,8 +122,16 @@ class LoopConfig(StageConfig):
     def stage_names(self) -> list[str]:
         names = ["data"] + ([] if self.model.path else ["pretrain"]) + ["sft"]
         for r in range(1, self.rounds + 1):
-            names += [f"round-{r}/{s}" for s in ROUND_STAGES]
+            names += [f"round-{r}/{s}" for s in self.round_stages()]
         return names
+
+    def round_stages(self) -> list[str]:
+        """The stages of one round: PPO needs a reward model; DPO learns from the comparisons directly."""
+        wanted = {"sample", "label", "eval"}
+        wanted |= {"reward", "ppo"} if self.method == "ppo" else {"dpo"}
+        if self.compare_dpo:
+            wanted.add("dpo")
+        return [s for s in ROUND_STAGES if s in wanted]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,8 +254,11 @@ class Loop:
     def sft_model(self) -> str:
         return str(self.path("sft", "model"))
 
-    def policy_before(self, r: int) -> str:
-        return self.sft_model if r == 1 else str(self.path(f"round-{r - 1}/ppo", "model"))
+    def policy_before(self, r: int, method: str | None = None) -> str:
+        """The policy round r starts from (and samples with): SFT, then the previous round's policy of `method`."""
+        return (
+            self.sft_model if r == 1 else str(self.path(f"round-{r - 1}/{method or self.c.method}", "model"))
+        )
 
     # -- running -------------------------------------------------------------------------------------------
     def stage(self, name: str, fn) -> dict | None:
@@ -253,6 +289,7 @@ class Loop:
             ("pretrain", "rlhf.stages.pretrain", "PretrainConfig"), ("sft", "rlhf.stages.sft", "SFTConfig"),
             ("sample", "rlhf.stages.sample", "SampleConfig"), ("reward", "rlhf.stages.reward", "RewardConfig"),
             ("ppo", "rlhf.stages.ppo", "PPOConfig"), ("eval", "rlhf.evaluate", "EvalConfig"),
+            ("dpo", "rlhf.stages.dpo", "DPOConfig"),
         ]  # fmt: skip
         for key, module, cls_name in sections:
             if key == "pretrain" and self.c.model.path:
@@ -403,20 +440,44 @@ class Loop:
             wiring["model.path"] = self.sft_model
         return self.call("rlhf.stages.ppo", "PPOConfig", self.c.ppo, wiring, f"round-{r}/ppo", resume)
 
+    def _round_dpo(self, r: int, resume: bool) -> dict:
+        """DPO on all comparisons so far, from the DPO track's previous policy (SFT in round 1). Reference: SFT
+        (`dpo_reference: sft`, the same anchor as PPO's KL penalty and eval's KL) or that starting policy."""
+        files = [str(self.path(f"round-{i}/label", "comparisons.jsonl")) for i in range(1, r + 1)]
+        start = self.policy_before(r, "dpo")
+        reference = self.sft_model if self.c.dpo_reference == "sft" and start != self.sft_model else ""
+        wiring = {"model.path": start, "reference": reference, "comparisons": files}
+        context = _context_of(self.sft_model)
+        if context:  # the stage's default lengths must fit a small model's context
+            wiring["max_length"] = min(256, context)
+            wiring["max_prompt_length"] = min(128, context // 2)
+        return self.call("rlhf.stages.dpo", "DPOConfig", self.c.dpo, wiring, f"round-{r}/dpo", resume)
+
     def _round_eval(self, r: int, resume: bool) -> dict:
         from rlhf import evaluate
 
+        ppo = self.c.method == "ppo"
+        methods = ["ppo"] * ppo + ["dpo"] * (not ppo or self.c.compare_dpo)  # the main method first
         wiring = {
-            "policies": [str(self.path(f"round-{r}/ppo", "model"))],
-            "snapshots": [str(self.path(f"round-{r}/ppo"))],
+            "policies": [str(self.path(f"round-{r}/{m}", "model")) for m in methods],
+            "snapshots": [str(self.path(f"round-{r}/ppo"))] if ppo else [],
             "reference": self.sft_model,
-            "reward_model": str(self.path(f"round-{r}/reward", "model")),
+            "reward_model": str(self.path(f"round-{r}/reward", "model")) if ppo else "",
             "prompts": str(self.path("data", "eval_prompts.jsonl")),
             "gold": self.c.gold,
         }
         config = stage_config(evaluate.EvalConfig, self.c, self.c.eval, wiring, f"round-{r}/eval", resume)
         summary = evaluate.run(config)
         return {k: summary[k] for k in ("metrics", "rm_accuracy")}
+
+
+def _context_of(model_dir: str) -> int | None:
+    """n_positions (or max_position_embeddings) from a model folder's config.json, if readable."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        return None
+    config = json.loads(path.read_text(encoding="utf-8"))
+    return config.get("n_positions") or config.get("max_position_embeddings")
 
 
 def label_with_app(c: LoopConfig, samples: list, batch_name: str, out_dir: Path) -> dict:

@@ -20,7 +20,7 @@ from typing import Any
 
 from rlhf.errors import UserError
 
-STAGE_ORDER = ("pretrain", "sft", "sample", "label", "reward", "ppo")  # eval has its own sections
+STAGE_ORDER = ("pretrain", "sft", "sample", "label", "reward", "ppo", "dpo")  # eval has its own sections
 CURVE_WORDS = ("loss", "acc", "reward", "score", "kl", "entropy", "perplexity", "ppl", "clipfrac", "coef")
 
 
@@ -88,9 +88,19 @@ def read_evals(run: Path) -> list[tuple[str, dict]]:
     return out
 
 
+def final_policies(evaluation: dict) -> list[tuple[str, dict]]:
+    """Every evaluated final policy (not snapshots, not the reference), the loop's main method first."""
+    return [(k, v) for k, v in evaluation["policies"].items() if v.get("role") == "policy"]
+
+
 def final_policy(evaluation: dict) -> tuple[str, dict] | None:
-    finals = [(k, v) for k, v in evaluation["policies"].items() if v.get("role") == "policy"]
-    return finals[-1] if finals else None
+    """The main method's final policy (the first one evaluated: the loop lists it first)."""
+    finals = final_policies(evaluation)
+    return finals[0] if finals else None
+
+
+def method_of(label: str, row: dict) -> str:
+    return row.get("method") or label.split("@")[0].rsplit("/", 1)[-1]
 
 
 def rm_accuracies(run: Path) -> list[tuple[str, float | None]]:
@@ -122,8 +132,13 @@ def summary_lines(run: str | Path) -> list[str]:
     bon = max(last.get("best_of_n") or [{}], key=lambda r: r.get("n", 0))
     bon_text = f" (best-of-{bon['n']}: {_f(bon['gold/score'])} at KL {bon['kl']:.2f})" if bon else ""
     accs = ", ".join(f"{r} {_f(a, '.2f')}" for r, a in rm_accuracies(run))
+    others = "".join(
+        f"; {label} {_f(row['gold/score'])} (KL {_f(row['kl/mean'], '.2f')}, win {_f(row['win_rate/gold'], '.2f')})"
+        for label, row in final_policies(last)[1:]
+    )
     return [
-        f"gold score (sentiment rubric): SFT {_f(ref['gold/score'])} -> {name} {_f(pol['gold/score'])}{bon_text}",
+        f"gold score (sentiment rubric): SFT {_f(ref['gold/score'])} -> {name} {_f(pol['gold/score'])}{bon_text}"
+        f"{others}",
         f"KL to SFT: {_f(pol['kl/mean'], '.2f')} nats per response (sqrt {_f(pol['kl/sqrt'], '.2f')}); "
         f"proxy (RM) score {_f(ref['proxy/score'])} -> {_f(pol['proxy/score'])}",
         f"win rate vs SFT (gold judge, ties half): {_f(pol['win_rate/gold'], '.2f')} over "
@@ -198,12 +213,21 @@ def plot_overoptimisation(evals: list[tuple[str, dict]]) -> Figure | None:
             color = f"C{i}"
             ref = ev["policies"][ev["reference"]]
             pts = [(0.0, ref[metric])]
-            trained = [v for v in ev["policies"].values() if v.get("role") in ("policy", "snapshot")]
+            finals = final_policies(ev)
+            main = method_of(*finals[0]) if finals else "ppo"
+            trained = [
+                v
+                for k, v in ev["policies"].items()
+                if v.get("role") in ("policy", "snapshot") and method_of(k, v) == main
+            ]
             trained.sort(
                 key=lambda v: (v["role"] == "policy", v.get("step") or 0)
             )  # snapshots by step, then final
             pts += [(v["kl/sqrt"], v[metric]) for v in trained]
-            ax.plot(*zip(*pts), "o-", color=color, label=f"PPO ({rnd}, RM of {rnd})", ms=4)
+            what = f"PPO ({rnd}, RM of {rnd})" if main == "ppo" else f"{main.upper()} ({rnd})"
+            ax.plot(*zip(*pts), "o-", color=color, label=what, ms=4)
+            for label, v in finals[1:]:  # other methods trained on the same comparisons: one point each
+                ax.plot([v["kl/sqrt"]], [v[metric]], "^", color=color, ms=8, label=f"{label}")
             bon = ev.get("best_of_n") or []
             if bon:
                 ax.plot(
@@ -232,7 +256,9 @@ def plot_diversity(evals: list[tuple[str, dict]]) -> Figure | None:
         return None
     first = evals[0][1]
     rows = [("SFT", first["policies"][first["reference"]])]
-    rows += [(rnd, f[1]) for rnd, ev in evals if (f := final_policy(ev)) is not None]
+    for rnd, ev in evals:
+        finals = final_policies(ev)
+        rows += [(label if len(finals) > 1 else rnd, v) for label, v in finals]
     keys = [
         ("diversity/distinct_1", "distinct-1 (higher = more diverse)"),
         ("diversity/distinct_2", "distinct-2 (higher = more diverse)"),
@@ -263,17 +289,24 @@ def plot_rounds(evals: list[tuple[str, dict]], accs: list[tuple[str, float | Non
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.0))
     first = evals[0][1]
+    sft = first["policies"][first["reference"]]
     labels = ["SFT"] + [rnd for rnd, _ in evals]
-    values = [first["policies"][first["reference"]]] + [
-        (f[1] if (f := final_policy(ev)) else {}) for _, ev in evals
-    ]
+    methods: list[str] = []
+    for _, ev in evals:
+        methods += [m for k, v in final_policies(ev) if (m := method_of(k, v)) not in methods]
     for ax, key, title in (
         (axes[0], "gold/score", "gold score by round"),
         (axes[1], "win_rate/gold", "win rate vs SFT (gold judge)"),
     ):
-        ys = [v.get(key, float("nan")) for v in values]
-        errs = [v.get("gold/stderr", 0.0) if key == "gold/score" else 0.0 for v in values]
-        ax.errorbar(labels, ys, yerr=errs, fmt="o-", capsize=3)
+        for i, method in enumerate(methods or ["policy"]):
+            values = [sft] + [
+                next((v for k, v in final_policies(ev) if method_of(k, v) == method), {}) for _, ev in evals
+            ]
+            ys = [v.get(key, float("nan")) for v in values]
+            errs = [v.get("gold/stderr", 0.0) if key == "gold/score" else 0.0 for v in values]
+            ax.errorbar(labels, ys, yerr=errs, fmt="o-", capsize=3, color=f"C{i}", label=method.upper())
+        if len(methods) > 1:
+            ax.legend(fontsize=7)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     axes[2].plot(
@@ -377,6 +410,34 @@ def _results_section(evals: list[tuple[str, dict]]) -> str:
     return "\n".join(parts)
 
 
+def methods_rows(evals: list[tuple[str, dict]]) -> list[list[Any]]:
+    """SFT, then each round's final policy of every method, with the RESULT_COLS metrics: one table of methods."""
+    if not evals:
+        return []
+    first = evals[0][1]
+    rows = [
+        ["SFT", "sft", "-"]
+        + [first["policies"][first["reference"]].get(k, float("nan")) for k, _ in RESULT_COLS]
+    ]
+    for rnd, ev in evals:
+        for label, v in final_policies(ev):
+            rows.append([label, method_of(label, v), rnd] + [v.get(k, float("nan")) for k, _ in RESULT_COLS])
+    return rows
+
+
+def _methods_section(evals: list[tuple[str, dict]]) -> str:
+    rows = methods_rows(evals)
+    if not rows:
+        return ""
+    note = (
+        "<p>Every method's policy on the same held-out prompts and sampling seed; KL and win rate are against SFT, "
+        "gold is the rubric, proxy the round's reward model (none without a reward model). DPO (when present) learned "
+        "from the same comparison records the reward model learned from.</p>"
+    )
+    table = _table(["policy", "method", "round"] + [h for _, h in RESULT_COLS], rows, (0, 1, 2))
+    return note + table.replace("<table>", "<table id='methods'>", 1)
+
+
 def _stage_table(stages: list[tuple[str, Path]]) -> str:
     parts = []
     for label, folder in stages:
@@ -400,7 +461,6 @@ def _samples_section(run: Path, evals: list[tuple[str, dict]], count: int = 6) -
             for line in (run / rnd / "eval" / "samples.jsonl").read_text(encoding="utf-8").splitlines()
             if line.strip()
         ]
-        final = final_policy(ev)
         if i == 0:
             columns.append(
                 (
@@ -408,9 +468,9 @@ def _samples_section(run: Path, evals: list[tuple[str, dict]], count: int = 6) -
                     {r["prompt_id"]: r for r in rows if r["policy"] == ev["reference"] and r["sample"] == 0},
                 )
             )
-        if final is not None:
+        for label, _ in final_policies(ev):
             columns.append(
-                (final[0], {r["prompt_id"]: r for r in rows if r["policy"] == final[0] and r["sample"] == 0})
+                (label, {r["prompt_id"]: r for r in rows if r["policy"] == label and r["sample"] == 0})
             )
     prompts = list(columns[0][1].values())[:count]
     head = "<tr><th>prompt</th>" + "".join(f"<th>{_e(h)}</th>" for h, _ in columns) + "</tr>"
@@ -460,6 +520,8 @@ def build_report(run: str | Path) -> Path:
     named = {f.key: f for f in figures}
     if "rounds" in named:
         out += ["<h2>Progress by round</h2>", _img(named["rounds"])]
+    if len({r[1] for r in methods_rows(evals)} - {"sft"}) > 1:
+        out += ["<h2>Methods compared: SFT, PPO and DPO</h2>", _methods_section(evals)]
     out += ["<h2>Results</h2>", _results_section(evals) or "<p class='note'>no evaluation yet</p>"]
     if "overoptimisation" in named:
         out += [
