@@ -4,10 +4,12 @@ Same models (GPT-2 4 layers d=256 policy and reference, GPT2ForSequenceClassific
 init, vocab 8192), same 16 prompts of about 32 tokens (the template's ids, identical on both sides), 48 new tokens at
 temperature 0.7, 1 PPO epoch, 4 minibatches of 4, lr 1e-5, fixed KL coefficient 0.05, gamma 1, lambda 0.95.
 Seconds per iteration are medians of the gaps between iterations (the first one, warm-up, excluded): wall-clock
-seconds, or with --cpu-time the process's own CPU seconds (robust on a busy shared machine; use it with --threads 1,
-where no thread spins waiting for another).
+seconds, or with --cpu-time the process's own CPU seconds, all threads summed (robust on a busy shared machine with
+--threads 1: the work each side does; with 2 threads on a busy machine TRL's two OpenMP threads spin while waiting
+for each other and bill that CPU, so its CPU time balloons, and ours gets no credit for running two models at once). The runs are interleaved in rounds
+(TRL, ours fp32, ours bf16; the order flips every round) so that a machine whose load drifts affects all alike.
 
-    .venv/bin/python benchmarks/ppo.py [--quick] [--threads 2] [--cpu-time]
+    .venv/bin/python benchmarks/ppo.py [--quick] [--threads 2] [--cpu-time] [--rounds N]
 """
 
 from __future__ import annotations
@@ -55,11 +57,12 @@ def make_prompts(tok, n: int) -> tuple[list[str], list[list[int]]]:
     return texts, ids
 
 
-def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool) -> dict:
+def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool, tag: str = "") -> dict:
     import json
     import types
 
     import rlhf.stages.ppo as stage
+    import rlhf.tracking as tracking
     from rlhf.config import load_config
     from rlhf.stages.ppo import PPOConfig, run
     from rlhf.tracking import MetricsLogger, read_metrics
@@ -71,12 +74,12 @@ def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool) -> d
             stamps.append(CLOCK())
             super().log(step, metrics)
 
-    # the stage's own time split (and perf/rollout_tok_s) read CLOCK too
-    stage.time, stage.MetricsLogger = types.SimpleNamespace(perf_counter=CLOCK), StampedLogger
+    # the stage's own time split (and perf/rollout_tok_s) read CLOCK too; its logger comes from rlhf.tracking
+    stage.time, tracking.MetricsLogger = types.SimpleNamespace(perf_counter=CLOCK), StampedLogger
 
     prompt_file = folder / "prompts.jsonl"
     prompt_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
-    name = f"ours-{'bf16' if bf16 else 'fp32'}"
+    name = f"ours-{'bf16' if bf16 else 'fp32'}{tag}"
     config = load_config(
         PPOConfig,
         None,
@@ -108,17 +111,20 @@ def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool) -> d
     try:
         run(config)
     finally:
-        stage.time, stage.MetricsLogger = time, MetricsLogger
+        stage.time, tracking.MetricsLogger = time, MetricsLogger
     rows = read_metrics(folder / "runs" / name / "ppo")
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    if len(gaps) != iterations - 1:
+        raise RuntimeError(f"expected {iterations} timed metrics rows, got {len(stamps)}")
     tokens = statistics.mean(r["perf/rollout_tok_s"] * r["time/iteration"] for r in rows)
     split = {
         k: statistics.median(r[f"time/{k}"] for r in rows[1:]) for k in ("generation", "scoring", "training")
     }
-    return {"s_it": statistics.median(gaps), "tokens": tokens, "split": split, "last": rows[-1]}
+    splits = {k: [r[f"time/{k}"] for r in rows[1:]] for k in ("generation", "scoring", "training")}
+    return {"gaps": gaps, "tokens": tokens, "split": split, "splits": splits, "last": rows[-1]}
 
 
-def run_trl(folder: Path, prompt_ids: list[list[int]], tok, iterations: int) -> dict:
+def run_trl(folder: Path, prompt_ids: list[list[int]], tok, iterations: int, tag: str = "") -> dict:
     import logging
 
     import trl.experimental.ppo.ppo_trainer as trl_ppo
@@ -138,7 +144,7 @@ def run_trl(folder: Path, prompt_ids: list[list[int]], tok, iterations: int) -> 
     reward = AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1)
     value = AutoModelForSequenceClassification.from_pretrained(folder / "reward", num_labels=1)
     args = PPOConfig(
-        output_dir=str(folder / "trl"),
+        output_dir=str(folder / f"trl{tag}"),
         per_device_train_batch_size=BATCH,
         gradient_accumulation_steps=1,
         num_mini_batches=4,
@@ -190,27 +196,41 @@ def run_trl(folder: Path, prompt_ids: list[list[int]], tok, iterations: int) -> 
     finally:
         trl_ppo.batch_generation = original
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    s_it = statistics.median(gaps)
-    return {
-        "s_it": s_it,
-        "tokens": BATCH * NEW_TOKENS,
-        "generation": statistics.median(gen_time[1:]),
-        "last": rows[-1],
-    }
+    return {"gaps": gaps, "tokens": BATCH * NEW_TOKENS, "generations": gen_time[1:], "last": rows[-1]}
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One side's rounds pooled: medians over every timed iteration of every round; the last round's end state."""
+    out = {"s_it": statistics.median(g for r in runs for g in r["gaps"]), "tokens": runs[-1]["tokens"]}
+    out["last"] = runs[-1]["last"]
+    if "splits" in runs[0]:
+        out["split"] = {
+            k: statistics.median(t for r in runs for t in r["splits"][k])
+            for k in ("generation", "scoring", "training")
+        }
+    else:
+        out["generation"] = statistics.median(t for r in runs for t in r["generations"])
+    return out
 
 
 def main() -> None:
     global CLOCK
     args = parse_args(
         __doc__.split("\n\n")[0],
-        lambda p: p.add_argument(
-            "--cpu-time", action="store_true", help="time by process CPU seconds (busy machine; --threads 1)"
+        lambda p: (
+            p.add_argument(
+                "--cpu-time", action="store_true", help="time by process CPU seconds (busy machine)"
+            ),
+            p.add_argument(
+                "--rounds", type=int, default=0, help="interleaved rounds (default 2 quick, 3 full)"
+            ),
         ),
     )
     if args.cpu_time:
         CLOCK = time.process_time
     print(f"threads {torch.get_num_threads()}, clock: {'process CPU' if args.cpu_time else 'wall'} seconds")
-    iterations = 4 if args.quick else 10
+    iterations = 3 if args.quick else 5  # per run; the first gap of each run is warm-up
+    rounds = args.rounds or (2 if args.quick else 3)
     tok = peer_tokenizer()
     prompts, prompt_ids = make_prompts(tok, BATCH)
     print(
@@ -219,9 +239,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build_models(tok, folder)
-        trl = run_trl(folder, prompt_ids, tok, iterations)
-        fp32 = run_ours(folder, prompts, iterations, bf16=False)
-        bf16 = run_ours(folder, prompts, iterations, bf16=True)
+        runs: dict[str, list[dict]] = {"trl": [], "fp32": [], "bf16": []}
+        for r in range(rounds):
+            order = ["trl", "fp32", "bf16"] if r % 2 == 0 else ["bf16", "fp32", "trl"]
+            for side in order:
+                if side == "trl":
+                    runs[side].append(run_trl(folder, prompt_ids, tok, iterations, tag=f"-{r}"))
+                else:
+                    runs[side].append(run_ours(folder, prompts, iterations, side == "bf16", tag=f"-{r}"))
+        trl, fp32, bf16 = (pooled(runs[k]) for k in ("trl", "fp32", "bf16"))
+    print(
+        f"{rounds} interleaved rounds x {iterations} iterations per run (medians of {rounds * (iterations - 1)})"
+    )
     rows = []
     for name, r in (("ours fp32", fp32), ("ours bf16", bf16)):
         s = r["split"]
