@@ -241,7 +241,7 @@ def test_lora_dpo_uses_the_base_as_reference_and_saves_a_plain_model(planted, ti
 def test_pair_layout_log_probs_equal_unpadded_forwards(tiny_model):
     """Left-padded prompts + right-padded responses (the LM head on response columns only) give each response's
     summed log-prob of an unpadded forward over that row alone, whatever the prompt and response lengths."""
-    from rlhf.stages.dpo import Pair, collate, sequence_logprobs
+    from rlhf.stages.dpo import Pair, collate, sequence_logprobs, shared_prompt_logprobs
 
     pairs = [Pair([1, 5, 6], [7, 8, 2], [9, 2]), Pair([1, 10, 11, 12, 13], [14, 2], [15, 16, 17, 18, 2])]
     ids, attn, start = collate(pairs, pad_id=0)
@@ -270,3 +270,15 @@ def test_pair_layout_log_probs_equal_unpadded_forwards(tiny_model):
             expected.append(picked[len(prompt) - 1 :].sum())
     assert lengths.tolist() == [3, 2, 2, 5]
     torch.testing.assert_close(sums, torch.stack(expected), rtol=1e-5, atol=1e-4)
+    # each prompt run once, its keys/values reused by both responses: the same numbers, and the same gradients
+    tiny_model.zero_grad()
+    sequence_logprobs(tiny_model, pairs, pad_id=0)[0].sum().backward()
+    plain = [p.grad.clone() for p in tiny_model.parameters()]
+    tiny_model.zero_grad()
+    shared, shared_lengths = shared_prompt_logprobs(tiny_model, pairs, pad_id=0)
+    shared.sum().backward()
+    assert shared_lengths.tolist() == [3, 2, 2, 5]
+    torch.testing.assert_close(shared.detach(), sums, rtol=1e-5, atol=1e-4)
+    for a, b in zip(plain, (p.grad for p in tiny_model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    tiny_model.zero_grad()

@@ -372,7 +372,8 @@ def run(config: EvalConfig) -> dict[str, Any]:
     bar = progress(len(folders) + 1, "eval", unit="policy")
 
     # 1. The reference: one pool of n_max samples per prompt serves best-of-n; its first k are the SFT row.
-    n_max = max(config.best_of_n + [k])
+    # best-of-n picks by proxy score: without a reward model the pool is just the k SFT samples
+    n_max = max(config.best_of_n + [k]) if rm is not None else k
     pool = score_policy(ref_model, ref_model, tokenizer, rm, texts, prompt_ids, config, n_max)
     ref = _subset(pool, n_max, k)
     bar.update(1)

@@ -82,6 +82,11 @@ class DPOConfig(StageConfig):
     save_every: int = option(100, "checkpoint every N steps (and at the end)", low=1)
     bf16: bool = option(False, "bf16 autocast (CPU with AVX512-BF16/AMX, or CUDA); weights stay fp32")
     gradient_checkpointing: bool = option(False, "recompute activations in backward: less memory, more time")
+    share_prompt: bool = option(
+        True,
+        "run each prompt once for both responses (KV cache with gradients); off with gradient checkpointing "
+        "or several processes",
+    )
     attention: str = option(
         "auto",
         "attention kernel: auto = eager on CPU (SDPA's CPU kernels are slower at these sizes, its bf16 backward "
@@ -199,6 +204,75 @@ def sequence_logprobs(model: Any, pairs: list[Pair], pad_id: int) -> tuple[torch
     return logp.masked_fill(~resp, 0.0).sum(-1), resp.sum(-1)
 
 
+def shared_prompt_logprobs(model: Any, pairs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`sequence_logprobs` with each prompt run once for both of its responses, in training too: the prompt pass
+    keeps its keys/values (with their gradients), repeated for the chosen and the rejected row, and the response
+    pass attends to them. Same numbers up to fp32 rounding; fewer tokens through the trunk (e.g. 32-token prompts
+    and 48-token responses: 128 instead of 160 per pair). Needs a KV cache in training: not with gradient
+    checkpointing (Hugging Face drops the cache there) and not under DDP (two forwards per backward)."""
+    from rlhf.sampling import position_ids_for
+
+    device = next(model.parameters()).device
+    n = len(pairs)
+    start = max(len(p.prompt_ids) for p in pairs)
+    width = max(max(len(p.chosen_ids), len(p.rejected_ids)) for p in pairs)
+    prompts = torch.full((n, start), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((n, start), dtype=torch.long)
+    responses = torch.full(
+        (2 * n, width), pad_id, dtype=torch.long
+    )  # rows: chosen 0, rejected 0, chosen 1, ...
+    response_mask = torch.zeros((2 * n, width), dtype=torch.long)
+    for i, p in enumerate(pairs):
+        prompts[i, start - len(p.prompt_ids) :] = torch.tensor(p.prompt_ids)
+        prompt_mask[i, start - len(p.prompt_ids) :] = 1
+        for j, ids in enumerate((p.chosen_ids, p.rejected_ids)):
+            responses[2 * i + j, : len(ids)] = torch.tensor(ids)
+            response_mask[2 * i + j, : len(ids)] = 1
+    prompts, prompt_mask = prompts.to(device), prompt_mask.to(device)
+    responses, response_mask = responses.to(device), response_mask.to(device)
+    # 1. prompts once: their keys/values for both responses, and the logits of each response's first token
+    out = model(
+        input_ids=prompts,
+        attention_mask=prompt_mask,
+        position_ids=position_ids_for(prompt_mask),
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = [out.logits[:, -1:].repeat_interleave(2, dim=0)]  # (2B, 1, V)
+    if width > 1:
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(2)
+        mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), response_mask[:, :-1]], dim=1)
+        lengths = prompt_mask.sum(-1).repeat_interleave(2)[:, None]
+        positions = lengths + torch.arange(width - 1, device=device)[None]
+        # 2. responses (but their last token) after the cached prompt: logits of response tokens 2..R
+        logits.append(
+            model(
+                input_ids=responses[:, :-1],
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                use_cache=True,
+            ).logits
+        )
+    logits = torch.cat(logits, dim=1)  # (2B, R, V): predicts responses[:, 0..R-1]
+    logp = -torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), responses.flatten(), reduction="none"
+    ).view(responses.shape)
+    keep = response_mask.bool()
+    sums, counts = logp.masked_fill(~keep, 0.0).sum(-1), keep.sum(-1)
+    order = torch.cat([torch.arange(0, 2 * n, 2), torch.arange(1, 2 * n, 2)]).to(
+        device
+    )  # chosen then rejected
+    return sums[order], counts[order]
+
+
+def pair_logprobs(model: Any, pairs: list[Pair], pad_id: int, share_prompt: bool = False):
+    """Summed response log-probs (2B,) and lengths (2B,), chosen then rejected, by either layout."""
+    fn = shared_prompt_logprobs if share_prompt else sequence_logprobs
+    return fn(model, pairs, pad_id)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Reference log-probs, computed once
 
@@ -213,14 +287,15 @@ def _fingerprint(config: DPOConfig, pairs: list[Pair]) -> str:
         stamps.append(
             [str(folder.resolve()), [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in weights]]
         )
-    h.update(json.dumps([stamps, config.bf16, config.lora.enabled]).encode())
+    layout = config.share_prompt and not config.gradient_checkpointing  # the same numbers up to rounding
+    h.update(json.dumps([stamps, config.bf16, config.lora.enabled, layout]).encode())
     for p in pairs:
         h.update(json.dumps([p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
     return h.hexdigest()
 
 
 def all_pair_logprobs(
-    model: Any, pairs: list[Pair], pad_id: int, chunk: int, accelerator: Any
+    model: Any, pairs: list[Pair], pad_id: int, chunk: int, accelerator: Any, share_prompt: bool = False
 ) -> torch.Tensor:
     """(N, 2) summed log-probs [chosen, rejected] of every pair, no grad. Fixed chunks in index order, dealt to
     ranks round-robin and summed across ranks, so any number of processes gives the same numbers."""
@@ -233,7 +308,7 @@ def all_pair_logprobs(
             if c % accelerator.num_processes != accelerator.process_index:
                 continue
             part = pairs[start : start + chunk]
-            sums, _ = sequence_logprobs(model, part, pad_id)
+            sums, _ = pair_logprobs(model, part, pad_id, share_prompt)
             out[start : start + len(part)] = sums.double().cpu().view(2, -1).T
     return sum_across(accelerator, out)
 
@@ -258,19 +333,20 @@ def reference_logprobs(
             log.info("reference log-probs: reusing %s", path)
             return cached["train"], cached["val"]
     start = time.perf_counter()
+    share = shares_prompt(config, accelerator)
     if config.reference:  # a separate reference (e.g. SFT while the policy starts from an earlier round's)
         from rlhf.modeling import load_causal_lm
 
         ref_model = prepare_model(load_causal_lm(config.reference), config).eval().to(accelerator.device)
-        ref = all_pair_logprobs(ref_model, train + val, pad_id, config.eval_batch_size, accelerator)
+        ref = all_pair_logprobs(ref_model, train + val, pad_id, config.eval_batch_size, accelerator, share)
         del ref_model
     elif is_lora_model(model):
         with reference_logprobs_with_adapters_disabled(model) as base:
-            ref = all_pair_logprobs(base, train + val, pad_id, config.eval_batch_size, accelerator)
+            ref = all_pair_logprobs(base, train + val, pad_id, config.eval_batch_size, accelerator, share)
     else:  # full fine-tuning: the reference is the policy before its first step, so compute it now
         was_training = model.training
         model.eval()
-        ref = all_pair_logprobs(model, train + val, pad_id, config.eval_batch_size, accelerator)
+        ref = all_pair_logprobs(model, train + val, pad_id, config.eval_batch_size, accelerator, share)
         model.train(was_training)
     train_ref, val_ref = ref[: len(train)], ref[len(train) :]
     if accelerator.is_main_process:
@@ -324,7 +400,8 @@ def evaluate(
         return {}
     was_training = model.training
     model.eval()
-    pol = all_pair_logprobs(model, pairs, pad_id, config.eval_batch_size, accelerator).float()
+    share = shares_prompt(config, accelerator)
+    pol = all_pair_logprobs(model, pairs, pad_id, config.eval_batch_size, accelerator, share).float()
     model.train(was_training)
     lengths = torch.tensor([[len(p.chosen_ids), len(p.rejected_ids)] for p in pairs])
     ref = ref.float()
@@ -339,6 +416,12 @@ def evaluate(
         "val/rewards_chosen": r_c.mean().item(),
         "val/rewards_rejected": r_r.mean().item(),
     }
+
+
+def shares_prompt(config: DPOConfig, accelerator: Any) -> bool:
+    """One prompt pass per pair (see shared_prompt_logprobs) where it is possible; the same choice everywhere in a
+    run, so the reference and the policy log-probs are computed the same way (the margin is exactly 0 at step 0)."""
+    return config.share_prompt and not config.gradient_checkpointing and accelerator.num_processes == 1
 
 
 def prepare_model(model: Any, config: DPOConfig) -> Any:
@@ -466,6 +549,7 @@ def run(config: DPOConfig) -> dict:
     if metrics is not None:
         truncate_metrics(metrics.path, step)
     micro = config.batch_size * world  # pairs per micro-step, all ranks together
+    share = shares_prompt(config, accelerator)
     bar = progress(config.steps, "dpo", initial=step) if accelerator.is_main_process else None
     window: dict[str, float] = {}
     tick, pairs_done = time.perf_counter(), 0
@@ -490,7 +574,7 @@ def run(config: DPOConfig) -> dict:
             idx = rank_slice(order[m * micro : (m + 1) * micro], accelerator)
             last = m == config.grad_accum - 1
             with maybe_no_sync(accelerator, model, sync=last):
-                logps, lengths = sequence_logprobs(model, [train[i] for i in idx], pad_id)
+                logps, lengths = pair_logprobs(model, [train[i] for i in idx], pad_id, share)
                 losses, stats = _pair_metrics(config, logps, lengths, ref_train[idx])
                 loss = losses.mean()
                 accelerator.backward(loss / config.grad_accum)
