@@ -271,3 +271,42 @@ def test_two_level_sampling_draws_from_the_softmax():
     onehot = torch.zeros(3, vocab)
     onehot[0, 0], onehot[1, 999], onehot[2, 517] = 1.0, 1.0, 1.0
     assert sampling._sample(onehot, g).tolist() == [0, 999, 517]
+
+
+def test_batch_split_across_threads_gives_the_same_samples(tiny_tokenizer, prompt_ids, monkeypatch):
+    """With 2 threads the fast path decodes parts of the batch side by side; the uniform draws come from the
+    generator before the split, so the samples and log-probs equal those of one part on one thread."""
+    model = eos_prone_model(tiny_tokenizer, seed=4)
+    monkeypatch.setattr(sampling._FastGPT2, "MIN_PART_ROWS", 4)
+    before = torch.get_num_threads()
+    parts = []
+    decode_parts = sampling._FastGPT2.decode_parts
+
+    def spy(self, prompts, n, **kw):
+        parts.append(n)
+        return decode_parts(self, prompts, n, **kw)
+
+    monkeypatch.setattr(sampling._FastGPT2, "decode_parts", spy)
+    try:
+        for kw in ({}, {"top_k": 40, "top_p": 0.9}):
+            runs = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                runs.append(
+                    generate(
+                        model,
+                        tiny_tokenizer,
+                        prompt_ids * 2,
+                        max_new_tokens=12,
+                        temperature=0.8,
+                        generator=torch.Generator().manual_seed(7),
+                        **kw,
+                    )
+                )
+                assert torch.get_num_threads() == threads
+            one, split = runs
+            assert torch.equal(one.response_ids, split.response_ids) and one.texts == split.texts
+            torch.testing.assert_close(one.logprobs, split.logprobs, atol=1e-6, rtol=0)
+        assert parts == [1, 2, 1, 2]
+    finally:
+        torch.set_num_threads(before)

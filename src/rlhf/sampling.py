@@ -4,12 +4,14 @@
 per-token log-probs of the sampled tokens under the sampling temperature, and whether each response ended with EOS.
 
 Two decode paths give the same distribution:
-- GPT-2-family weights (our presets, any `GPT2LMHeadModel`) run through a plain-torch decoder that reads the model's
-  own weights: a preallocated static KV cache, one additive padding mask built once, positional rows gathered once,
-  batched-GEMM attention for the single query row, the temperature folded into the final layer norm, inverse-CDF
-  sampling (softmax + cumsum: two passes over the vocabulary), finished rows dropped from the batch, and small
-  batches run on one intra-op thread. It is a few times faster than `model.generate` on CPU because a decode step
-  there is dominated by per-op overhead (most of it thread-pool fork/join around tiny ops), not arithmetic.
+- GPT-2-family weights (our presets, any `GPT2LMHeadModel`) run through a plain-torch decoder over the model's own
+  weights, cast and prepacked for oneDNN once per call: a preallocated static KV cache, one additive padding mask
+  built once, positional rows gathered once, batched-GEMM attention for the single query row, the temperature folded
+  into the final layer norm, exact two-level inverse-CDF sampling (no cumulative sum over the whole vocabulary),
+  finished rows dropped from the batch, small batches on one intra-op thread, and with more threads allowed the
+  batch split into parts decoded side by side. It is a few times faster than `model.generate` on CPU because a
+  decode step there is dominated by per-op overhead (most of it thread-pool fork/join around tiny ops), not
+  arithmetic.
 - Any other causal LM runs a generic loop over the model's `past_key_values`.
 
 Log-probs are `log_softmax(logits / temperature)` of the sampled token, before any top-k/top-p filtering, so they
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -107,20 +110,28 @@ def generate(
     # on 2). So the fast path runs small batches on one thread: the weight set-up and the prefill too (one forward,
     # a few % of the call). The caller's setting is restored on the way out.
     small = use_fast and min(step, len(prompt_ids)) * model.config.n_embd <= _FastGPT2.SINGLE_THREAD_WIDTH
+    # ... and with more threads allowed, it splits the batch into parts decoded side by side, one Python thread and
+    # one intra-op thread each: no barrier between them (a busy machine cannot stall one on the other), both cores
+    # busy on an idle one. Each part streams the weights once per step, so the split costs CPU time; see README.
+    parts = max(1, min(torch.get_num_threads(), min(step, len(prompt_ids)) // _FastGPT2.MIN_PART_ROWS))
+    parts = parts if small else 1
     tokens, logprobs = [], []
     was_training = model.training
     model.eval()
     try:
         with _threads(1 if small else torch.get_num_threads()), torch.inference_mode():
-            decoder = _FastGPT2(model, bf16, min(step, len(prompt_ids))) if use_fast else None
+            rows = -(-min(step, len(prompt_ids)) // parts)
+            decoder = _FastGPT2(model, bf16, rows) if use_fast else None
             for start in range(0, len(prompt_ids), step):
                 chunk = prompt_ids[start : start + step]
                 if decoder is not None:
-                    tok, lp = decoder.decode(chunk, **settings)
+                    tok, lp = decoder.decode_parts(chunk, parts, **settings)
+                    tokens.extend(tok)
+                    logprobs.extend(lp)
                 else:
                     tok, lp = _hf_decode(model, chunk, **settings)
-                tokens.append(tok)
-                logprobs.append(lp)
+                    tokens.append(tok)
+                    logprobs.append(lp)
     finally:
         model.train(was_training)
     return _assemble(tokens, logprobs, settings["eos"], settings["pad"], tokenizer)
@@ -193,10 +204,12 @@ def _choose(
     greedy: bool,
     generator: torch.Generator | None,
     scaled: bool = False,
+    u: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(token (B,), log-prob (B,)) from last-position logits (B, V): un-truncated log_softmax at `temperature`.
 
     `scaled=True`: the logits are already divided by the temperature (the fast path folds 1/T into ln_f).
+    `u` (2, B, 1): uniform draws drawn beforehand (the fast path draws a whole rollout's at once); else `generator`.
     """
     if not greedy and not top_k and top_p >= 1.0:
         # Plain sampling, the common case: one softmax pass over (B, V) (upcasting bf16 logits on the fly; the fast
@@ -206,7 +219,7 @@ def _choose(
         if temperature != 1.0 and not scaled:
             logits = logits.float() / temperature
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-        token = _sample(probs, generator)
+        token = _sample(probs, generator, u)
         return token, probs.gather(-1, token.unsqueeze(-1)).squeeze(-1).log()
     scaled_logits = logits.float()
     if temperature != 1.0 and not scaled:
@@ -215,7 +228,9 @@ def _choose(
     if greedy:
         token = scaled_logits.argmax(-1)
     else:
-        token = _inverse_cdf(_filter(logp, top_k, top_p).exp().cumsum_(-1), generator)
+        token = _inverse_cdf(
+            _filter(logp, top_k, top_p).exp().cumsum_(-1), generator, None if u is None else u[0]
+        )
     return token, logp.gather(-1, token.unsqueeze(-1)).squeeze(-1)
 
 
@@ -232,7 +247,9 @@ def _inverse_cdf(
 _BLOCK = 128  # tokens per block of the two-level inverse CDF
 
 
-def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _sample(
+    probs: torch.Tensor, generator: torch.Generator | None, u: torch.Tensor | None = None
+) -> torch.Tensor:
     """One token per row of `probs` (B, V), exactly: a block of 128 tokens by its mass, then a token by its mass
     inside the block, each by inverse CDF with its own uniform draw (P(block) x P(token | block) = P(token)).
 
@@ -241,7 +258,8 @@ def _sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
     """
     batch, vocab = probs.shape
     blocks = (probs if vocab % _BLOCK == 0 else F.pad(probs, (0, -vocab % _BLOCK))).view(batch, -1, _BLOCK)
-    u = torch.rand(2, batch, 1, generator=generator, device=probs.device, dtype=probs.dtype)
+    if u is None:
+        u = torch.rand(2, batch, 1, generator=generator, device=probs.device, dtype=probs.dtype)
     block = _inverse_cdf(blocks.sum(-1).cumsum_(-1), None, u[0])
     inner = blocks.gather(1, block.view(batch, 1, 1).expand(batch, 1, _BLOCK)).view(batch, _BLOCK)
     return (block * _BLOCK + _inverse_cdf(inner.cumsum_(-1), None, u[1])).clamp_(max=vocab - 1)
@@ -398,6 +416,8 @@ class _FastGPT2:
 
     # decode steps with batch x n_embd up to this run on one thread (tiny: 16 x 256, small: 16 x 384)
     SINGLE_THREAD_WIDTH = 16 * 1024
+    # with more threads allowed, a batch is split into parts of at least this many rows, decoded side by side
+    MIN_PART_ROWS = 8
 
     @classmethod
     def supports(cls, model: Any) -> bool:
@@ -503,8 +523,54 @@ class _FastGPT2:
             x = out(fc(F.layer_norm(x, (width,), ln2_w, ln2_b, self.eps)), x)
         return x
 
-    def decode(self, prompts: list[list[int]], *, max_new: int, eos: int, pad: int, **choice: Any):
-        """(tokens (B, t), logprobs (B, t)) with -1 where a row was no longer generating."""
+    def decode_parts(self, prompts: list[list[int]], parts: int, *, max_new: int, **settings: Any):
+        """`decode` over `parts` slices of the batch, side by side in Python threads: lists of (tokens, logprobs).
+
+        The uniform draws of the whole rollout come from the generator first (row i's draws are the same however
+        the batch is split), so results do not depend on thread timing.
+        """
+        batch = len(prompts)
+        uniforms = None
+        if not settings["greedy"]:
+            uniforms = torch.rand(max_new, 2, batch, 1, generator=settings["generator"], device=self.device)
+        bounds = [batch * i // parts for i in range(parts + 1)]
+        slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        results: list[Any] = [None] * parts
+
+        def work(i: int) -> None:
+            try:
+                torch.set_num_threads(1)  # this thread's own OpenMP setting
+                with torch.inference_mode():
+                    u = None if uniforms is None else uniforms[:, :, slices[i]]
+                    results[i] = self.decode(prompts[slices[i]], max_new=max_new, uniforms=u, **settings)
+            except BaseException as error:  # re-raised in the calling thread
+                results[i] = error
+
+        workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, parts)]
+        for w in workers:
+            w.start()
+        work(0)
+        for w in workers:
+            w.join()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return [r[0] for r in results], [r[1] for r in results]
+
+    def decode(
+        self,
+        prompts: list[list[int]],
+        *,
+        max_new: int,
+        eos: int,
+        pad: int,
+        uniforms: torch.Tensor | None = None,
+        **choice: Any,
+    ):
+        """(tokens (B, t), logprobs (B, t)) with -1 where a row was no longer generating.
+
+        `uniforms` (max_new, 2, B, 1): the random draws of every step (else drawn from the generator per step).
+        """
         # logits / T == (ln_f with weight and bias / T) @ head: the temperature costs no (B, V) pass per step.
         ln_f = tuple(w / choice["temperature"] for w in self.ln_f)
         width = self.wte.shape[1]
@@ -544,7 +610,7 @@ class _FastGPT2:
         done = torch.zeros(batch, dtype=torch.bool, device=self.device)
         steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for t in range(max_new):
-            token, lp = _choose(logits, **choice, scaled=True)
+            token, lp = _choose(logits, **choice, scaled=True, u=None if uniforms is None else uniforms[t])
             steps.append((rows, token, lp))
             done = done | (token == eos)
             n_done = int(done.sum())
@@ -558,6 +624,7 @@ class _FastGPT2:
                 cache = cache.index_select(1, keep)
                 key_bias = key_bias.view(-1, self.n_head, 1, total).index_select(0, keep).flatten(0, 1)
                 step_pe = step_pe.index_select(1, keep)
+                uniforms = None if uniforms is None else uniforms.index_select(2, keep)
             x = F.embedding(token, self.wte) + step_pe[t]
             logits = logits_of(self._step(x, cache, plen + t, key_bias))
 
