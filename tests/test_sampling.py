@@ -180,9 +180,18 @@ def test_bf16_fast_path_is_close(tiny_tokenizer, prompt_ids):
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_plain_sampling_logprobs_equal_one_full_forward(tiny_tokenizer, prompt_ids, bf16):
-    """No top-k/top-p: the fast path samples from softmax + cumsum and folds 1/T into ln_f; same log-probs."""
+def test_plain_sampling_logprobs_equal_one_full_forward(tiny_tokenizer, prompt_ids, bf16, monkeypatch):
+    """No top-k/top-p: the fast path samples by a two-level inverse CDF and folds 1/T into ln_f; same log-probs.
+    Each prompt is given twice: it is prefilled once and its cache rows copied."""
     model = eos_prone_model(tiny_tokenizer, seed=2, strength=0.02)
+    prefilled = []
+    prefill = sampling._FastGPT2._prefill
+
+    def spy(self, x, *args):
+        prefilled.append(x.shape[0])
+        return prefill(self, x, *args)
+
+    monkeypatch.setattr(sampling._FastGPT2, "_prefill", spy)
     gen = generate(
         model,
         tiny_tokenizer,
@@ -193,6 +202,7 @@ def test_plain_sampling_logprobs_equal_one_full_forward(tiny_tokenizer, prompt_i
         bf16=bf16,
     )
     assert gen.finished.any() and not gen.finished.all()
+    assert sum(prefilled) == len(prompt_ids)  # 12 rows, 6 distinct prompts
     ids, mask, start = join_prompt_response(
         prompt_ids * 2, gen.response_ids, gen.response_mask, tiny_tokenizer.pad_token_id
     )

@@ -578,30 +578,39 @@ class _FastGPT2:
         def logits_of(h: torch.Tensor) -> torch.Tensor:
             return self.head(F.layer_norm(h, (width,), *ln_f, self.eps))
 
-        ids, mask = _left_pad(prompts, pad, self.device)
-        batch, plen = ids.shape
+        # A prompt given several times (K responses per prompt) is prefilled once, its cache rows then copied.
+        first: dict[tuple[int, ...], int] = {}
+        source = [first.setdefault(tuple(p), len(first)) for p in prompts]
+        ids, mask = _left_pad([list(p) for p in first], pad, self.device)
+        batch, (n_unique, plen) = len(prompts), ids.shape
         total = plen + max_new
         cache = torch.empty(
-            (len(self.layers), batch, self.n_head, 2, total, self.head_dim),
+            (len(self.layers), n_unique, self.n_head, 2, total, self.head_dim),
             dtype=self.cache_dtype,
             device=self.device,
         )
-        # Additive key mask, built once: -inf on left padding. Query rows of padding attend to themselves only
-        # (their output is never used, but a fully masked row would give NaN).
-        key_bias = torch.zeros((batch, 1, 1, total), dtype=self.cache_dtype, device=self.device)
-        key_bias[:, :, :, :plen].masked_fill_(mask[:, None, None, :] == 0, -math.inf)
+        # Query rows of padding attend to themselves only (their output is never used, but a fully masked row would
+        # give NaN).
         causal = torch.ones((plen, plen), dtype=torch.bool, device=self.device).tril()
         allowed = (causal[None] & (mask[:, None, :] == 1)) | torch.eye(
             plen, dtype=torch.bool, device=self.device
         )
-        prefill_mask = torch.zeros((batch, 1, plen, plen), dtype=self.cache_dtype, device=self.device)
+        prefill_mask = torch.zeros((n_unique, 1, plen, plen), dtype=self.cache_dtype, device=self.device)
         prefill_mask.masked_fill_(~allowed[:, None], -math.inf)
-        # one row per head, so a decode step reads it as a (B*H, 1, S) view
-        key_bias = key_bias.expand(batch, self.n_head, 1, total).reshape(batch * self.n_head, 1, total)
-
-        positions = position_ids_for(mask)
-        x = F.embedding(ids, self.wte) + F.embedding(positions, self.wpe)
+        x = F.embedding(ids, self.wte) + F.embedding(position_ids_for(mask), self.wpe)
         logits = logits_of(self._prefill(x, cache, prefill_mask))
+        if n_unique < batch:
+            src = torch.tensor(source, device=self.device)
+            cache, logits, mask = (
+                cache.index_select(1, src),
+                logits.index_select(0, src),
+                mask.index_select(0, src),
+            )
+        # Additive key mask of the decode steps, built once: -inf on left padding; one row per head, so that a step
+        # reads it as a (B*H, 1, S) view.
+        key_bias = torch.zeros((batch, 1, 1, total), dtype=self.cache_dtype, device=self.device)
+        key_bias[:, :, :, :plen].masked_fill_(mask[:, None, None, :] == 0, -math.inf)
+        key_bias = key_bias.expand(batch, self.n_head, 1, total).reshape(batch * self.n_head, 1, total)
         # Positional rows of every step, gathered once: row i's t-th response token sits at position len_i + t.
         step_pos = mask.sum(1)[None, :] + torch.arange(max_new, device=self.device)[:, None]  # (T, B)
         step_pe = F.embedding(step_pos.clamp(max=self.wpe.shape[0] - 1), self.wpe)  # (T, B, C)
