@@ -71,6 +71,8 @@ def generate(
     CPUs with AVX512-BF16; log-probs then carry bf16 rounding). `fast=False` forces the generic Hugging Face loop.
     The fast path runs small batches (batch x n_embd <= 16k) with one intra-op thread: `torch.set_num_threads` is
     process-wide, so another Python thread running torch work meanwhile runs on one thread too; it is restored after.
+    With N > 1 threads set, it decodes min(N, batch // 8) parts of the batch side by side, one Python thread each
+    (same samples and log-probs as one part: the random draws are taken before the split).
     """
     if not prompt_ids:
         raise UserError("no prompts to sample from")
