@@ -16,6 +16,7 @@ Rewards (Ziegler et al. 2019; Stiennon et al. 2020): each response token gets th
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -188,6 +189,14 @@ def keep_freed_memory() -> bool:
 
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
+
+
+def _forget_pool() -> None:  # a forked child has none of the parent's worker threads: start its own pool
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def concurrently(*tasks: Callable[[], Any], enabled: bool = True) -> list[Any]:
