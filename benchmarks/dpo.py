@@ -3,8 +3,9 @@
 Set-up (PERF-NOTES): GPT-2 4 layers d=256, vocab 8192, random init (the same weights for both); pairs of a
 32-token prompt and two 48-token responses cut from the shipped children's-stories corpus, ranked by the project's
 synthetic `sentiment` rubric (rlhf.labellers.gold_score; near-ties dropped); batch 8 pairs, beta 0.1, AdamW,
-linear decay, fp32 unless stated, 2 epochs over the training pairs (TRL's default is 3). Both trained models are then scored by ONE function on held-out pairs
-(implicit-reward accuracy: beta*log(pi/ref) higher for the preferred response).
+linear decay, 2 epochs over the training pairs (TRL's default is 3); fp32, then both again with bf16. Both trained
+models are then scored by ONE function on held-out pairs (implicit-reward accuracy: beta*log(pi/ref) higher for the
+preferred response).
 
 Throughput is pairs trained / seconds of the whole training call (wall seconds, and the process's own CPU seconds,
 all threads: on a busy shared machine the CPU-second ratio is the robust one; `--cpu-time` makes the RESULT lines use
@@ -18,7 +19,8 @@ epoch; `rlhf dpo` caches it, TRL redoes it every epoch. The machine is noisy: co
     .venv/bin/python benchmarks/dpo.py --quick --threads 1 --cpu-time   # on a busy shared machine
 
 TRL runs at its defaults (SDPA attention, fp32; with bf16 its own `bf16=True`); ours at its defaults (eager
-attention on CPU, LM head on response columns only, reference log-probs cached). bf16 rows compare bf16 with bf16.
+attention on CPU, each prompt run once per pair, LM head on response columns only, cross-entropy log-probs,
+reference log-probs cached, fused AdamW). bf16 rows compare bf16 with bf16.
 """
 
 from __future__ import annotations
