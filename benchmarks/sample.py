@@ -10,10 +10,10 @@ pays it after each optimizer step.
 compared with `model.generate` in fp32, our bf16 row with the fastest `model.generate` row of the table.
 
 Our fast path decodes on one intra-op thread (a decode step at this width is a chain of tiny ops and each fork/join
-of the thread pool costs more than the op; see `rlhf.sampling`); with 2 threads allowed it splits the 16 rows into two
-parts decoded side by side in two Python threads (no barrier between them, more CPU time in all). The table shows
-both sides at 1 thread too, and process CPU time per new token, which a busy machine disturbs much less than wall
-time.
+of the thread pool costs more than the op; see `rlhf.sampling`); with 2 threads allowed and both cores idle when a call starts, it
+splits the 16 rows into two parts decoded side by side in two Python threads (no barrier between them, +35% CPU time
+in all; on a busy machine it keeps one part). The table shows both sides at 1 thread too, and process CPU time per
+new token, which a busy machine disturbs much less than wall time.
 
     .venv/bin/python benchmarks/sample.py [--quick] [--threads 2]
 """

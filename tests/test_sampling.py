@@ -284,10 +284,11 @@ def test_two_level_sampling_draws_from_the_softmax():
 
 
 def test_batch_split_across_threads_gives_the_same_samples(tiny_tokenizer, prompt_ids, monkeypatch):
-    """With 2 threads the fast path decodes parts of the batch side by side; the uniform draws come from the
-    generator before the split, so the samples and log-probs equal those of one part on one thread."""
+    """With 2 threads and idle cores the fast path decodes parts of the batch side by side; the uniform draws come
+    from the generator before the split, so the samples and log-probs equal those of one part on one thread."""
     model = eos_prone_model(tiny_tokenizer, seed=4)
     monkeypatch.setattr(sampling._FastGPT2, "MIN_PART_ROWS", 4)
+    monkeypatch.setattr(sampling, "_idle_cores", lambda: 2)  # as on an idle machine
     before = torch.get_num_threads()
     parts = []
     decode_parts = sampling._FastGPT2.decode_parts
