@@ -288,12 +288,17 @@ def _filter(logp: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def _idle_cores() -> int:
-    """Cores that no other runnable task wants right now (Linux `procs_running`, this thread included); 0 if unknown."""
+    """Cores that no other process's runnable task wants right now (Linux `procs_running` less this process's own
+    running threads, e.g. a thread pool still spinning after the previous op); 0 where that cannot be read."""
     try:
         with open("/proc/stat", encoding="ascii") as f:
             running = next(int(line.split()[1]) for line in f if line.startswith("procs_running"))
-        return max(0, len(os.sched_getaffinity(0)) - running + 1)
-    except (OSError, StopIteration, ValueError, AttributeError):
+        own = 0
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/stat", encoding="ascii") as f:
+                own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        return max(0, len(os.sched_getaffinity(0)) - max(0, running - own))
+    except (OSError, StopIteration, ValueError, AttributeError, IndexError):
         return 0
 
 
