@@ -169,3 +169,14 @@ def test_policy_labels_and_human_win_rate(tmp_path):
     write_jsonl(tmp_path / "judged.jsonl", judged)
     out = human_win_rate(str(tmp_path / "judged.jsonl"), "round-1/ppo", "sft")
     assert out == {"win_rate/human": pytest.approx(1.5 / 3), "judged_pairs": 3}
+
+
+def test_value_at_kl_interpolates_in_sqrt_kl_and_refuses_to_extrapolate():
+    from rlhf.eval_metrics import value_at_kl
+
+    points = [(0.0, 0.0), (1.0, 1.0), (4.0, 3.0)]  # sqrt(KL) = 0, 1, 2
+    assert value_at_kl(points, 1.0) == 1.0
+    assert value_at_kl(points, 2.25) == pytest.approx(2.0)  # sqrt 1.5: halfway between 1.0 and 3.0
+    assert value_at_kl(points, 0.25) == pytest.approx(0.5)  # sqrt 0.5, not KL 0.25 / 1.0
+    assert value_at_kl(points, 4.5) is None
+    assert value_at_kl([], 1.0) is None

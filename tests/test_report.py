@@ -88,12 +88,22 @@ def test_summary_lines_read_the_last_round(tmp_path):
     lines = summary_lines(run)
     assert len(lines) == 5
     assert "SFT -0.200 -> round-2/ppo +0.600" in lines[0]
-    assert "best-of-4: +0.200 at KL 0.40" in lines[0]
+    assert "best-of-4: +0.200 at KL 0.40; the policy's KL is beyond best-of-n's range" in lines[0]
     assert "KL to SFT: 4.00" in lines[1] and "proxy (RM) score +0.000 -> +2.000" in lines[1]
     assert "0.70 over 2 pairs" in lines[2]
     assert "distinct-2 0.800 -> 0.400" in lines[3]
     # held-out accuracy: the last val/accuracy of each round's reward metrics (0.6 + 0.1 + 0.02 r)
     assert "round-1 0.72, round-2 0.74" in lines[4]
+
+
+def test_best_of_n_is_compared_at_the_policys_own_kl():
+    from rlhf.report import _best_of_n_text
+
+    bon = [{"n": 1, "kl": 0.0, "gold/score": 0.0}, {"n": 4, "kl": 1.0, "gold/score": 0.4}]
+    text = _best_of_n_text(bon, {"kl/mean": 0.25, "gold/score": 0.3})  # sqrt 0.5: halfway, 0.2
+    assert text == " (above best-of-n at the same KL: +0.200; best-of-4: +0.400 at KL 1.00)"
+    assert "below" in _best_of_n_text(bon, {"kl/mean": 1.0, "gold/score": 0.1})
+    assert _best_of_n_text([], {"kl/mean": 1.0, "gold/score": 0.1}) == ""
 
 
 def test_curve_keys_pick_training_metrics():

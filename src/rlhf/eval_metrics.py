@@ -128,6 +128,22 @@ def best_of_n_kl(n: int) -> float:
     return math.log(n) - (n - 1) / n
 
 
+def value_at_kl(points: Sequence[tuple[float, float]], kl: float) -> float | None:
+    """A curve's value at `kl`, linear in sqrt(KL) between its two nearest points (Gao et al. plot in sqrt KL).
+
+    `points` are (kl, value) pairs, e.g. best-of-n's (analytic KL, gold score) for n = 1, 2, 4, ...; None when
+    `kl` lies outside the curve's KL range: comparing there would be extrapolation, not measurement.
+    """
+    ordered = sorted((math.sqrt(max(k, 0.0)), v) for k, v in points)
+    x = math.sqrt(max(kl, 0.0))
+    if not ordered or x < ordered[0][0] or x > ordered[-1][0]:
+        return None
+    for (x0, v0), (x1, v1) in zip(ordered, ordered[1:]):
+        if x0 <= x <= x1:
+            return v0 if x1 == x0 else v0 + (v1 - v0) * (x - x0) / (x1 - x0)
+    return ordered[0][1]  # a single point, and kl equals it
+
+
 def mean(values: Sequence[float]) -> float:
     return float(sum(values) / len(values)) if values else float("nan")
 

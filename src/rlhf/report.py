@@ -117,6 +117,21 @@ def _f(x: float | None, fmt: str = "+.3f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
+def _best_of_n_text(rows: list[dict], pol: dict) -> str:
+    """Best-of-n beside the final policy: at the policy's own KL where the best-of-n curve reaches it."""
+    if not rows:
+        return ""
+    from rlhf.eval_metrics import value_at_kl
+
+    top = max(rows, key=lambda r: r["n"])
+    largest = f"best-of-{top['n']}: {_f(top['gold/score'])} at KL {top['kl']:.2f}"
+    matched = value_at_kl([(r["kl"], r["gold/score"]) for r in rows], pol["kl/mean"])
+    if matched is None:
+        return f" ({largest}; the policy's KL is beyond best-of-n's range)"
+    verdict = "above" if pol["gold/score"] > matched else "below"
+    return f" ({verdict} best-of-n at the same KL: {_f(matched)}; {largest})"
+
+
 def summary_lines(run: str | Path) -> list[str]:
     """Five lines: gold SFT -> final (and best-of-n), KL, win rate, diversity change, RM accuracy."""
     run = Path(run)
@@ -129,8 +144,7 @@ def summary_lines(run: str | Path) -> list[str]:
     if final is None:
         return [f"{rnd}: only the reference was evaluated"]
     name, pol = final
-    bon = max(last.get("best_of_n") or [{}], key=lambda r: r.get("n", 0))
-    bon_text = f" (best-of-{bon['n']}: {_f(bon['gold/score'])} at KL {bon['kl']:.2f})" if bon else ""
+    bon_text = _best_of_n_text(last.get("best_of_n") or [], pol)
     accs = ", ".join(f"{r} {_f(a, '.2f')}" for r, a in rm_accuracies(run))
     others = "".join(
         f"; {label} {_f(row['gold/score'])} (KL {_f(row['kl/mean'], '.2f')}, win {_f(row['win_rate/gold'], '.2f')})"
