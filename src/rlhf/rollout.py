@@ -248,13 +248,9 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
 
 def prompt_columns(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids (B, P), mask (B, P)): the prompts left-padded to the longest, as `join_prompt_response` lays them out."""
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, prompt in enumerate(prompt_ids):
-        ids[i, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        mask[i, width - len(prompt) :] = 1
-    return ids, mask
+    from rlhf.sampling import _left_pad  # the sampler's own layout, so the two can never disagree
+
+    return _left_pad(prompt_ids, pad_id, "cpu")
 
 
 def prefix_cache(trunk: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> Any | None:

@@ -26,7 +26,15 @@ from starlette.exceptions import HTTPException
 from rlhf import __version__
 from rlhf.errors import UserError
 from rlhf.feedback import export, progress, schemas, service
-from rlhf.feedback.fastlane import COOKIE, FastLane, json_response, next_response, run_hot, submit_response
+from rlhf.feedback.fastlane import (
+    COOKIE,
+    FastLane,
+    json_response,
+    next_response,
+    replaying,
+    run_hot,
+    submit_response,
+)
 from rlhf.feedback.service import Actor
 from rlhf.feedback.store import Annotator, open_database
 
@@ -313,16 +321,7 @@ class Guard:
             more = message.get("more_body", False)
             if size > limit:
                 return await self._too_large(send_secure, limit)
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send_secure)
+        return await self.app(scope, replaying(b"".join(chunks), receive), send_secure)
 
     @staticmethod
     async def _too_large(send, limit: int) -> None:

@@ -65,6 +65,20 @@ async def run_hot(state, work: Callable[[], Response]) -> Response:
     return await run_in_threadpool(work)
 
 
+def replaying(body: bytes, receive: Callable) -> Callable:
+    """An ASGI `receive` that hands an app the body a middleware already read, then defers to the real one."""
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 class FastLane:
     """Pure ASGI middleware answering the ordinary submit and next-item requests (see the module docstring)."""
 
@@ -109,14 +123,8 @@ class FastLane:
                 return
             chunks.append(message.get("body", b""))
             more = message.get("more_body", False)
-        raw, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": raw, "more_body": False}
+        raw = b"".join(chunks)
+        replay = replaying(raw, receive)
 
         user, batch = self._caller(scope)
         content_type = dict(scope["headers"]).get(b"content-type", b"")
