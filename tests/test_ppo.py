@@ -121,17 +121,24 @@ def test_sampler_logprobs_are_the_old_policy_logprobs(tmp_path, tiny_checkpoint,
     assert rollout.rewards[~rollout.response_mask].abs().sum() == 0
 
 
-def test_gradient_accumulation_equals_full_minibatch(tmp_path, tiny_checkpoint, prompt_file):
+def _rollout_of_eight(tmp_path, tiny_checkpoint, prompt_file, seed):
+    """(config, models, prompt ids, rollout) of one 8-prompt batch, without a reward model (target_share scores)."""
     from rlhf.data.template import encode_prompt
-    from rlhf.stages.ppo import accumulate_gradients
 
     config = tiny_config(tmp_path, tiny_checkpoint, prompt_file, "batch_size=8")
     models = load_models(config, None, with_reward=False)
     prompts = read_prompts(str(prompt_file))[:8]
     ids = [encode_prompt(models.tokenizer, p) for p in prompts]
     rollout, _, _ = collect_rollout(
-        models, prompts, ids, config, 0.1, torch.Generator().manual_seed(1), target_share
+        models, prompts, ids, config, 0.1, torch.Generator().manual_seed(seed), target_share
     )
+    return config, models, ids, rollout
+
+
+def test_gradient_accumulation_equals_full_minibatch(tmp_path, tiny_checkpoint, prompt_file):
+    from rlhf.stages.ppo import accumulate_gradients
+
+    config, models, ids, rollout = _rollout_of_eight(tmp_path, tiny_checkpoint, prompt_file, seed=1)
     rollout.advantages = (
         rollout.advantages + 0.3 * torch.randn_like(rollout.advantages) * rollout.response_mask
     )
@@ -371,16 +378,9 @@ def test_eager_attention_default_on_cpu_matches_sdpa_and_entropy_from_log_softma
 
 def test_trimmed_minibatch_gives_the_same_logprobs_and_losses(tmp_path, tiny_checkpoint, prompt_file):
     """Dropping all-padding columns from a minibatch changes no log-prob, value or loss."""
-    from rlhf.data.template import encode_prompt
     from rlhf.stages.ppo import accumulate_gradients
 
-    config = tiny_config(tmp_path, tiny_checkpoint, prompt_file, "batch_size=8")
-    models = load_models(config, None, with_reward=False)
-    prompts = read_prompts(str(prompt_file))[:8]
-    ids = [encode_prompt(models.tokenizer, p) for p in prompts]
-    rollout, _, _ = collect_rollout(
-        models, prompts, ids, config, 0.1, torch.Generator().manual_seed(2), target_share
-    )
+    config, models, ids, rollout = _rollout_of_eight(tmp_path, tiny_checkpoint, prompt_file, seed=2)
     shortest = torch.tensor(sorted(range(8), key=lambda i: len(ids[i]))[:2])
     mb = rollout.select(shortest)
     mb.response_mask[1, 3:] = False  # a short response too: trailing columns are trimmed
