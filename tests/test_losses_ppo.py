@@ -12,6 +12,7 @@ from rlhf.losses import (
     entropy_from_logits,
     explained_variance,
     gae,
+    kl_exact,
     kl_k1,
     kl_k3,
     masked_whiten,
@@ -124,6 +125,25 @@ def test_kl_estimators_hand_numbers_and_unbiased():
     assert k3.mean().item() == pytest.approx(exact, abs=0.01)
     assert (k3 >= 0).all() and (k1 < 0).any()
     assert k3.var() < k1.var()
+
+
+def test_exact_kl_hand_numbers_gradient_and_zero_probabilities():
+    p = torch.tensor([0.6, 0.3, 0.1])
+    q = torch.tensor([0.2, 0.5, 0.3])
+    exact = 0.6 * math.log(3) + 0.3 * math.log(0.6) + 0.1 * math.log(1 / 3)
+    assert kl_exact(p.log(), q.log()).item() == pytest.approx(exact)
+    assert kl_exact(q.log(), q.log()).item() == 0.0
+    # a token the policy never picks (log p = -inf) adds nothing instead of NaN
+    p0 = torch.tensor([0.0, 1.0])
+    assert kl_exact(p0.log(), torch.tensor([0.5, 0.5]).log()).item() == pytest.approx(math.log(2))
+    # its gradient with respect to the logits z is p * (log p - log q - KL): it pushes p towards q everywhere
+    z = torch.tensor([[0.3, -0.2, 1.0]], requires_grad=True)
+    log_p = torch.log_softmax(z, -1)
+    kl = kl_exact(log_p, q.log()[None])
+    kl.sum().backward()
+    pz = log_p.exp().detach()
+    expected = pz * (log_p.detach() - q.log() - kl.detach()[:, None])
+    torch.testing.assert_close(z.grad, expected)
 
 
 def test_entropy_and_explained_variance():

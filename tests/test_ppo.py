@@ -121,11 +121,11 @@ def test_sampler_logprobs_are_the_old_policy_logprobs(tmp_path, tiny_checkpoint,
     assert rollout.rewards[~rollout.response_mask].abs().sum() == 0
 
 
-def _rollout_of_eight(tmp_path, tiny_checkpoint, prompt_file, seed):
+def _rollout_of_eight(tmp_path, tiny_checkpoint, prompt_file, seed, *overrides):
     """(config, models, prompt ids, rollout) of one 8-prompt batch, without a reward model (target_share scores)."""
     from rlhf.data.template import encode_prompt
 
-    config = tiny_config(tmp_path, tiny_checkpoint, prompt_file, "batch_size=8")
+    config = tiny_config(tmp_path, tiny_checkpoint, prompt_file, "batch_size=8", *overrides)
     models = load_models(config, None, with_reward=False)
     prompts = read_prompts(str(prompt_file))[:8]
     ids = [encode_prompt(models.tokenizer, p) for p in prompts]
@@ -161,6 +161,53 @@ def test_gradient_accumulation_equals_full_minibatch(tmp_path, tiny_checkpoint, 
     for a, b in zip(full, halves):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
     assert sum(g.abs().sum() for g in full) > 0
+
+
+def test_exact_kl_in_the_loss_leaves_rewards_to_the_score_and_adds_its_gradient(
+    tmp_path, tiny_checkpoint, prompt_file
+):
+    from rlhf.losses import kl_exact, masked_sum
+    from rlhf.stages.ppo import accumulate_gradients
+
+    config, models, ids, rollout = _rollout_of_eight(
+        tmp_path, tiny_checkpoint, prompt_file, 1, "kl.penalty=loss"
+    )
+    mask = rollout.response_mask
+    vocab = models.policy.config.vocab_size
+    assert rollout.ref_log_softmax.shape == (*mask.shape, vocab)
+    # the reference's full log-probs agree with its log-prob of each sampled token
+    sampled = rollout.ref_log_softmax.gather(-1, rollout.response_ids[..., None]).squeeze(-1)
+    torch.testing.assert_close(sampled * mask, rollout.ref_logprobs, atol=1e-5, rtol=0)
+    # no KL in the rewards: they sum to the score; k1 is still measured
+    torch.testing.assert_close(rollout.rewards.sum(1), rollout.scores)
+    assert rollout.kl.abs().max() < 1e-4  # policy == reference at the start (up to the sampler's rounding)
+    assert rollout.loss_kl_coef > 0
+    with torch.no_grad():
+        for p in models.policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    params = list(models.policy.parameters())
+    normalizer = float(mask.sum())
+
+    def grads(coef):
+        for p in params:
+            p.grad = None
+        rollout.loss_kl_coef = coef
+        accumulate_gradients(models, rollout, config, normalizer, part="policy")
+        return [p.grad.clone() for p in params]
+
+    with_kl, without = grads(0.5), grads(0.0)
+    for p in params:
+        p.grad = None
+    from rlhf.rollout import response_logprobs
+
+    _, log_softmax, _ = response_logprobs(
+        models.policy, rollout.input_ids, rollout.attention_mask, rollout.response_start, 1.0,
+        with_log_softmax=True,
+    )  # fmt: skip
+    (0.5 * masked_sum(kl_exact(log_softmax, rollout.ref_log_softmax), mask) / normalizer).backward()
+    for a, b, p in zip(with_kl, without, params):
+        torch.testing.assert_close(a - b, p.grad, atol=1e-6, rtol=1e-4)
+    assert sum(p.grad.abs().sum() for p in params) > 0
 
 
 def test_learning_raises_score_with_bounded_kl_and_large_beta_barely_moves(

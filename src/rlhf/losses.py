@@ -136,6 +136,16 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.expm1(log_ratio) - log_ratio
 
 
+def kl_exact(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """Exact KL(p || p_ref) = sum_v p_v (log p_v - log p_ref_v) at each position, from full log-probabilities over the
+    vocabulary (..., V) -> (...). No sampling noise: its gradient pulls every token's probability back towards the
+    reference at each visited state, not only the sampled token's."""
+    probs = logprobs.exp()
+    terms = probs * (logprobs - ref_logprobs)
+    # p = 0 (a -inf log-prob) contributes 0, not 0 * inf = NaN
+    return torch.where(probs > 0, terms, torch.zeros((), dtype=terms.dtype)).sum(-1)
+
+
 def policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,

@@ -12,6 +12,9 @@ positions; `response_mask` is True on real response tokens, the first EOS includ
 
 Rewards (Ziegler et al. 2019; Stiennon et al. 2020): each response token gets the per-token KL penalty
 `-beta * (logp - logp_ref)`, and the last real token also gets the reward model's score. Padding gets nothing.
+With `kl_in_loss` the rewards hold the score only and the policy loss carries beta times the exact KL over the
+vocabulary at every response position instead (`losses.kl_exact`; the rollout then keeps the reference's full
+log-probabilities).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 import torch
 
-from rlhf.losses import gae, kl_k1, masked_whiten
+from rlhf.losses import gae, kl_k1, masked_var, masked_whiten
 
 
 @dataclass
@@ -51,6 +54,8 @@ class Rollout:
     )
     advantages: torch.Tensor | None = None  # (B, T) float: GAE advantages, whitened over real tokens
     returns: torch.Tensor | None = None  # (B, T) float: advantages + values (before whitening), value targets
+    ref_log_softmax: torch.Tensor | None = None  # (B, T, V) float: log pi_ref(. | state), only with KL in the loss
+    loss_kl_coef: float = 0.0  # beta / (the advantages' whitening scale) for the exact KL in the loss; 0 = in rewards
 
     @property
     def batch_size(self) -> int:
@@ -83,8 +88,8 @@ class Rollout:
             value = getattr(self, f.name)
             if f.name in ("input_ids", "attention_mask"):
                 value = value[:, left : self.response_start + width]
-            elif isinstance(value, torch.Tensor) and value.dim() == 2:
-                value = value[:, :width]  # (B, T) per-token fields
+            elif isinstance(value, torch.Tensor) and value.dim() >= 2:
+                value = value[:, :width]  # (B, T) per-token fields, (B, T, V) per-position distributions
             out[f.name] = value
         out["response_start"] = self.response_start - left
         return replace(self, **out)
@@ -147,15 +152,23 @@ def finish_rollout(
     lam: float = 0.95,
     whiten_rewards: bool = False,
     whiten_advantages: bool = True,
+    kl_in_loss: bool = False,
 ) -> Rollout:
-    """Fill rewards, kl, advantages and returns from scores, log-probs and values (all already in `rollout`)."""
+    """Fill rewards, kl, advantages and returns from scores, log-probs and values (all already in `rollout`).
+    `kl_in_loss`: no KL in the rewards; `loss_kl_coef` is set so that the loss's beta * exact KL keeps the balance
+    of score and KL that beta sets in the rewards once the advantages are whitened (divided by their scale)."""
     mask = rollout.response_mask
-    rewards, kl = layout_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef)
+    rewards, kl = layout_rewards(
+        rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, 0.0 if kl_in_loss else kl_coef
+    )
     if whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
     advantages, returns = gae(rewards, rollout.values, mask, gamma, lam)
+    scale = 1.0
     if whiten_advantages:
+        scale = float(masked_var(advantages, mask).clamp(min=1e-8).sqrt())
         advantages = masked_whiten(advantages, mask)
+    rollout.loss_kl_coef = kl_coef / scale if kl_in_loss else 0.0
     rollout.rewards, rollout.kl, rollout.advantages, rollout.returns = rewards, kl, advantages, returns
     return rollout
 

@@ -45,7 +45,16 @@ from rlhf.distributed import TrainingStageConfig
 from rlhf.errors import UserError
 from rlhf.kl_control import make_kl_controller
 from rlhf.lora import merge_and_save, reference_logprobs_with_adapters_disabled
-from rlhf.losses import entropy_from_logprobs, explained_variance, kl_k3, masked_mean, policy_loss, value_loss
+from rlhf.losses import (
+    entropy_from_logprobs,
+    explained_variance,
+    kl_exact,
+    kl_k3,
+    masked_mean,
+    masked_sum,
+    policy_loss,
+    value_loss,
+)
 from rlhf.modeling import autocast, load_policy
 from rlhf.rollout import (
     PtxBatches,
@@ -76,6 +85,13 @@ class KLConfig:
     coef: float = option(0.05, "initial beta", low=0.0)
     target: float = option(6.0, "adaptive: target KL per response (nats)", low=1e-6)
     horizon: int = option(10_000, "adaptive: samples over which beta may move by 20%", low=1)
+    penalty: str = option(
+        "reward",
+        "where the penalty acts: `reward` puts the sampled per-token k1 into the rewards (InstructGPT); `loss` "
+        "adds beta x the exact KL over the vocabulary at every response position to the policy loss (no sampling "
+        "noise; the rollout keeps the reference's B x T x vocab log-probs)",
+        choices=("reward", "loss"),
+    )
     stop_above: float = option(
         0.0, "stop the run when the mean KL per response exceeds this; 0 = never", low=0.0
     )
@@ -352,11 +368,20 @@ def collect_rollout(
     )
     mask = rollout.response_mask
 
-    def reference() -> torch.Tensor:
+    kl_in_loss = config.kl.penalty == "loss"
+
+    def reference() -> tuple[torch.Tensor, torch.Tensor | None]:
         with autocast(config.bf16, config.device), _reference(models) as ref:
-            return response_logprobs(
-                ref, input_ids, attention_mask, start, config.temperature, past=past.get("ref")
-            )[0]
+            logp, log_softmax, _ = response_logprobs(
+                ref,
+                input_ids,
+                attention_mask,
+                start,
+                config.temperature,
+                with_log_softmax=kl_in_loss,
+                past=past.get("ref"),
+            )
+            return logp, log_softmax
 
     def value_and_reward() -> tuple[torch.Tensor, torch.Tensor | None]:
         with autocast(config.bf16, config.device):
@@ -379,7 +404,9 @@ def collect_rollout(
     # the reference and the value + reward models side by side, one core each (rollout.concurrently); not when both
     # would run the one LoRA policy (its reference is the policy with adapters off)
     apart = models.peft is not None and (config.recompute_logprobs or config.value_head == "shared")
-    ref_logp, (values, raw) = concurrently(reference, value_and_reward, enabled=cpu and not apart)
+    (ref_logp, rollout.ref_log_softmax), (values, raw) = concurrently(
+        reference, value_and_reward, enabled=cpu and not apart
+    )
     if score_fn is not None:
         raw = torch.as_tensor(score_fn(prompts, gen), dtype=torch.float32)
     rollout.ref_logprobs = ref_logp.float() * mask
@@ -400,6 +427,7 @@ def collect_rollout(
         lam=config.lam,
         whiten_rewards=config.whiten_rewards,
         whiten_advantages=config.whiten_advantages,
+        kl_in_loss=kl_in_loss,
     )
     t2 = time.perf_counter()
     return rollout, gen, {"generation": t1 - t0, "scoring": t2 - t1}
@@ -442,6 +470,10 @@ def accumulate_gradients(
         pg_loss, pg_stats = policy_loss(logp, mb.logprobs, mb.advantages, mask, config.clip, normalizer)
         loss = pg_loss
         stats.update(pg_loss=pg_loss.detach(), **pg_stats)
+        if mb.ref_log_softmax is not None:  # kl.penalty=loss: beta x exact KL, scaled like the advantages
+            kl_loss = masked_sum(kl_exact(log_softmax, mb.ref_log_softmax), mask) / normalizer
+            loss = loss + mb.loss_kl_coef * kl_loss
+            stats["kl_exact"] = kl_loss.detach() * normalizer / mask.sum().clamp(min=1)
     if value_part:
         vf_loss, vf_stats = value_loss(values, mb.values, mb.returns, mask, config.value_clip, normalizer)
         loss = loss + config.vf_coef * vf_loss if policy_part else config.vf_coef * vf_loss
@@ -566,6 +598,7 @@ def iteration_metrics(rollout: Rollout, update: dict[str, float], kl_coef: float
         "objective/sampled_entropy": (-(rollout.logprobs * mask).sum(1)).mean().item(),
         "policy/clipfrac": update.get("clipfrac", float("nan")),
         "policy/approx_kl": update.get("approx_kl", float("nan")),
+        **({"policy/kl_exact_per_token": update["kl_exact"]} if "kl_exact" in update else {}),
         "policy/loss": update.get("pg_loss", float("nan")),
         "value/loss": update.get("vf_loss", float("nan")),
         "value/clipfrac": update.get("vf_clipfrac", float("nan")),
