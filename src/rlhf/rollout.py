@@ -54,8 +54,8 @@ class Rollout:
     )
     advantages: torch.Tensor | None = None  # (B, T) float: GAE advantages, whitened over real tokens
     returns: torch.Tensor | None = None  # (B, T) float: advantages + values (before whitening), value targets
-    ref_log_softmax: torch.Tensor | None = None  # (B, T, V) float: log pi_ref(. | state), only with KL in the loss
-    loss_kl_coef: float = 0.0  # beta / (the advantages' whitening scale) for the exact KL in the loss; 0 = in rewards
+    ref_log_softmax: torch.Tensor | None = None  # (B, T, V) float: log pi_ref(. | state); KL in the loss only
+    loss_kl_coef: float = 0.0  # beta / advantage scale, for the exact KL in the loss; 0 = KL in rewards
 
     @property
     def batch_size(self) -> int:
