@@ -244,6 +244,28 @@ def test_learning_raises_score_with_bounded_kl_and_large_beta_barely_moves(
     assert tied_last < first + 0.04 and tied_last < last - 0.05, [r["objective/score"] for r in tied]
 
 
+def test_exact_kl_in_the_loss_learns_and_holds_the_policy_near_the_reference_with_large_beta(
+    tmp_path, tiny_checkpoint, prompt_file
+):
+    def scores_and_kl(name, coef):
+        config = tiny_config(
+            tmp_path, tiny_checkpoint, prompt_file, "iterations=8", f"kl.coef={coef}", f"name={name}",
+            "kl.penalty=loss",
+        )  # fmt: skip
+        run(config, score_fn=target_share)
+        rows = read_metrics(tmp_path / "runs" / name / "ppo")
+        return [r["objective/score"] for r in rows], rows[-1]
+
+    free, free_last = scores_and_kl("free", 0.01)
+    tied, tied_last = scores_and_kl("tied", 5)
+    assert sum(free[-2:]) / 2 > free[0] + 0.06, free
+    assert free_last["policy/kl_exact_per_token"] > 0
+    # the exact KL the loss pays is what holds the tied policy back: far less KL, little score gain
+    assert tied_last["objective/kl_k3"] < 0.3 * free_last["objective/kl_k3"], (tied_last, free_last)
+    assert tied_last["policy/kl_exact_per_token"] < 0.3 * free_last["policy/kl_exact_per_token"]
+    assert sum(tied[-2:]) / 2 < sum(free[-2:]) / 2 - 0.05, (tied, free)
+
+
 def test_resume_gives_the_same_final_metrics(tmp_path, tiny_checkpoint, prompt_file):
     args = (
         "batch_size=8",
