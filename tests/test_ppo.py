@@ -136,7 +136,7 @@ def _rollout_of_eight(tmp_path, tiny_checkpoint, prompt_file, seed, *overrides):
 
 
 def test_gradient_accumulation_equals_full_minibatch(tmp_path, tiny_checkpoint, prompt_file):
-    from rlhf.stages.ppo import accumulate_gradients
+    from rlhf.stages.ppo_iteration import accumulate_gradients
 
     config, models, ids, rollout = _rollout_of_eight(tmp_path, tiny_checkpoint, prompt_file, seed=1)
     rollout.advantages = (
@@ -167,7 +167,7 @@ def test_exact_kl_in_the_loss_leaves_rewards_to_the_score_and_adds_its_gradient(
     tmp_path, tiny_checkpoint, prompt_file
 ):
     from rlhf.losses import kl_exact, masked_sum
-    from rlhf.stages.ppo import accumulate_gradients
+    from rlhf.stages.ppo_iteration import accumulate_gradients
 
     config, models, ids, rollout = _rollout_of_eight(
         tmp_path, tiny_checkpoint, prompt_file, 1, "kl.penalty=loss"
@@ -447,7 +447,7 @@ def test_eager_attention_default_on_cpu_matches_sdpa_and_entropy_from_log_softma
 
 def test_trimmed_minibatch_gives_the_same_logprobs_and_losses(tmp_path, tiny_checkpoint, prompt_file):
     """Dropping all-padding columns from a minibatch changes no log-prob, value or loss."""
-    from rlhf.stages.ppo import accumulate_gradients
+    from rlhf.stages.ppo_iteration import accumulate_gradients
 
     config, models, ids, rollout = _rollout_of_eight(tmp_path, tiny_checkpoint, prompt_file, seed=2)
     shortest = torch.tensor(sorted(range(8), key=lambda i: len(ids[i]))[:2])
@@ -479,7 +479,8 @@ def test_models_side_by_side_on_two_threads_equal_one_after_another(tmp_path, ti
 
     from rlhf.data.template import encode_prompt
     from rlhf.reward_model import reward_model_from_causal_lm
-    from rlhf.stages.ppo import _adamw, ppo_update
+    from rlhf.stages.ppo import _adamw
+    from rlhf.stages.ppo_iteration import ppo_update
 
     reward_model_from_causal_lm(tiny_checkpoint).save(tmp_path / "rm")
     config = tiny_config(
@@ -525,7 +526,7 @@ def test_prompt_prefix_run_while_sampling_equals_one_full_pass(tmp_path, tiny_ch
     then only the rest on that KV cache: the same log-probs, values and scores as one pass over each sequence."""
     from rlhf.data.template import encode_prompt
     from rlhf.reward_model import reward_model_from_causal_lm
-    from rlhf.stages.ppo import _prefix_trunks
+    from rlhf.stages.ppo_iteration import _prefix_trunks
 
     reward_model_from_causal_lm(tiny_checkpoint).save(tmp_path / "rm")
     config = tiny_config(
