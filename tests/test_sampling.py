@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_model
-from rlhf import sampling
+from rlhf import fast_gpt2, sampling
 from rlhf.data.template import encode_prompt
 from rlhf.errors import UserError
 from rlhf.sampling import _left_pad, generate, join_prompt_response, token_logprobs
@@ -185,13 +185,13 @@ def test_plain_sampling_logprobs_equal_one_full_forward(tiny_tokenizer, prompt_i
     Each prompt is given twice: it is prefilled once and its cache rows copied."""
     model = eos_prone_model(tiny_tokenizer, seed=2, strength=0.02)
     prefilled = []
-    prefill = sampling._FastGPT2._prefill
+    prefill = fast_gpt2.FastGPT2._prefill
 
     def spy(self, x, *args):
         prefilled.append(x.shape[0])
         return prefill(self, x, *args)
 
-    monkeypatch.setattr(sampling._FastGPT2, "_prefill", spy)
+    monkeypatch.setattr(fast_gpt2.FastGPT2, "_prefill", spy)
     gen = generate(
         model,
         tiny_tokenizer,
@@ -220,7 +220,7 @@ def test_decode_restores_the_thread_setting(tiny_tokenizer, prompt_ids, monkeypa
     model = make_tiny_model(tiny_tokenizer)
     before = torch.get_num_threads()
     seen = []
-    choose = sampling._choose
+    choose = fast_gpt2._choose  # the fast path's token choice (the sampler's own, imported there)
 
     def spy(*args, **kw):
         seen.append(torch.get_num_threads())
@@ -228,7 +228,7 @@ def test_decode_restores_the_thread_setting(tiny_tokenizer, prompt_ids, monkeypa
             raise RuntimeError("boom")
         return choose(*args, **kw)
 
-    monkeypatch.setattr(sampling, "_choose", spy)
+    monkeypatch.setattr(fast_gpt2, "_choose", spy)
     try:
         torch.set_num_threads(2)
         generate(
@@ -287,17 +287,17 @@ def test_batch_split_across_threads_gives_the_same_samples(tiny_tokenizer, promp
     """With 2 threads and idle cores the fast path decodes parts of the batch side by side; the uniform draws come
     from the generator before the split, so the samples and log-probs equal those of one part on one thread."""
     model = eos_prone_model(tiny_tokenizer, seed=4)
-    monkeypatch.setattr(sampling._FastGPT2, "MIN_PART_ROWS", 4)
+    monkeypatch.setattr(fast_gpt2.FastGPT2, "MIN_PART_ROWS", 4)
     monkeypatch.setattr(sampling, "_idle_cores", lambda: 2)  # as on an idle machine
     before = torch.get_num_threads()
     parts = []
-    decode_parts = sampling._FastGPT2.decode_parts
+    decode_parts = fast_gpt2.FastGPT2.decode_parts
 
     def spy(self, prompts, n, **kw):
         parts.append(n)
         return decode_parts(self, prompts, n, **kw)
 
-    monkeypatch.setattr(sampling._FastGPT2, "decode_parts", spy)
+    monkeypatch.setattr(fast_gpt2.FastGPT2, "decode_parts", spy)
     try:
         for kw in ({}, {"top_k": 40, "top_p": 0.9}):
             runs = []

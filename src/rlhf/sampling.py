@@ -4,7 +4,7 @@
 per-token log-probs of the sampled tokens under the sampling temperature, and whether each response ended with EOS.
 
 Two decode paths give the same distribution:
-- GPT-2-family weights (our presets, any `GPT2LMHeadModel`) run through a plain-torch decoder over the model's own
+- GPT-2-family weights (our presets, any `GPT2LMHeadModel`) run through `rlhf.fast_gpt2`, a plain-torch decoder over the model's own
   weights, cast and prepacked for oneDNN once per call: a preallocated static KV cache, one additive padding mask
   built once, positional rows gathered once, batched-GEMM attention for the single query row, the temperature folded
   into the final layer norm, exact two-level inverse-CDF sampling (no cumulative sum over the whole vocabulary),
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -106,20 +105,22 @@ def generate(
         eos=int(tokenizer.eos_token_id),
         pad=int(tokenizer.pad_token_id),
     )
-    use_fast = fast and _FastGPT2.supports(model)
+    from rlhf.fast_gpt2 import FastGPT2  # it imports this module's token choice and layout
+
+    use_fast = fast and FastGPT2.supports(model)
     step = batch_size or len(prompt_ids)
     # A decode step at small width is a chain of tiny ops (16 x 256 GEMMs, layer norms on 16 rows): each fork/join
     # of the intra-op thread pool costs more than the op, and on a busy machine the second thread waits for a time
     # slice at every op (measured here under load: the 16 x 256 x 8192 head GEMM takes 1.7 ms on 1 thread, 32 ms
     # on 2). So the fast path runs small batches on one thread: the weight set-up and the prefill too (one forward,
     # a few % of the call). The caller's setting is restored on the way out.
-    small = use_fast and min(step, len(prompt_ids)) * model.config.n_embd <= _FastGPT2.SINGLE_THREAD_WIDTH
+    small = use_fast and min(step, len(prompt_ids)) * model.config.n_embd <= FastGPT2.SINGLE_THREAD_WIDTH
     # ... and with more threads allowed and cores idle right now, it splits the batch into parts decoded side by
     # side, one Python thread and one intra-op thread each. Each part streams the weights once per step (+35% CPU
     # time in all), so this pays only when the cores are free: measured under load (another runnable process or
     # more), the split was 1.4x slower than one part. The samples are the same either way (tested).
     rows_per_chunk = min(step, len(prompt_ids))
-    parts = min(torch.get_num_threads(), _idle_cores(), rows_per_chunk // _FastGPT2.MIN_PART_ROWS)
+    parts = min(torch.get_num_threads(), _idle_cores(), rows_per_chunk // FastGPT2.MIN_PART_ROWS)
     parts = max(1, parts) if small else 1
     tokens, logprobs = [], []
     was_training = model.training
@@ -127,7 +128,7 @@ def generate(
     try:
         with _threads(1 if small else torch.get_num_threads()), torch.inference_mode():
             rows = -(-min(step, len(prompt_ids)) // parts)
-            decoder = _FastGPT2(model, bf16, rows) if use_fast else None
+            decoder = FastGPT2(model, bf16, rows) if use_fast else None
             for start in range(0, len(prompt_ids), step):
                 chunk = prompt_ids[start : start + step]
                 if decoder is not None:
@@ -375,292 +376,3 @@ def _hf_decode(model: Any, prompts: list[list[int]], *, max_new: int, eos: int, 
         )
         past, logits = out.past_key_values, out.logits[:, -1]
     return tokens, logprobs
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Fast path: plain-torch GPT-2 decoder over the Hugging Face model's own weights
-
-
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None, act: str, rows: int, packed: bool):
-    """(f, f_add) with f(x) = act(x @ weight.T + bias) and f_add(x, r) = r + x @ weight.T + bias, for one call.
-
-    On CPU the weight is reordered once into oneDNN's blocked layout for this batch size: the 16 x 256 x 8192 LM head
-    then runs 1.7x faster than through MKL (0.92 vs 1.55 ms fp32, 0.38 vs 0.62 ms bf16, one thread), and the
-    activation or the residual add rides along in the same call. Elsewhere it is a plain `F.linear`.
-    """
-    if packed:
-        w = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        op, binary = torch.ops.mkldnn._linear_pointwise.default, torch.ops.mkldnn._linear_pointwise.binary
-        kind, algorithm = _FastGPT2.ONEDNN_ACT[act]
-        return (
-            lambda x: op(x, w, bias, kind, [], algorithm),
-            lambda x, residual: binary(x, residual, w, bias, "add"),
-        )
-    fn = _FastGPT2.ACTIVATIONS[act]
-    return lambda x: fn(F.linear(x, weight, bias)), lambda x, residual: residual + F.linear(x, weight, bias)
-
-
-def _can_pack(dtype: torch.dtype, device: torch.device) -> bool:
-    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return False
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return dtype == torch.float32
-
-
-class _FastGPT2:
-    """GPT-2 decoding with a static KV cache over the weights of a GPT2LMHeadModel (prepacked or cast once per call).
-
-    Per layer, a decode step is 10 ops: layer norm, QKV linear (output columns ordered head-major so that a head's
-    q, k and v sit together), one copy of k and v into the cache, baddbmm (+ key padding bias), softmax, bmm,
-    projection + residual, layer norm, FC + GELU, output + residual. The attention scale is folded into the q rows.
-    """
-
-    ACTIVATIONS = {
-        "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-        "gelu": F.gelu,
-        "relu": F.relu,
-        "none": lambda x: x,
-    }
-    ONEDNN_ACT = {
-        "gelu_new": ("gelu", "tanh"),
-        "gelu_pytorch_tanh": ("gelu", "tanh"),
-        "gelu_fast": ("gelu", "tanh"),
-        "gelu": ("gelu", "none"),
-        "relu": ("relu", ""),
-        "none": ("none", ""),
-    }
-
-    PACK_LAYERS = True
-
-    # decode steps with batch x n_embd up to this run on one thread (tiny: 16 x 256, small: 16 x 384)
-    SINGLE_THREAD_WIDTH = 16 * 1024
-    # with more threads allowed, a batch is split into parts of at least this many rows, decoded side by side
-    MIN_PART_ROWS = 8
-
-    @classmethod
-    def supports(cls, model: Any) -> bool:
-        config = getattr(model, "config", None)
-        return (
-            type(model).__name__ == "GPT2LMHeadModel"
-            and getattr(config, "activation_function", "") in cls.ACTIVATIONS
-            and not getattr(config, "add_cross_attention", False)
-        )
-
-    def __init__(self, model: Any, bf16: bool = False, rows: int = 16):
-        config = model.config
-        weight_dtype = model.lm_head.weight.dtype
-        self.dtype = torch.bfloat16 if bf16 else weight_dtype
-        # The KV cache and attention stay in the model's dtype: bf16 pays off in the weight GEMMs, while the
-        # batched single-query attention GEMMs run 2x slower in bf16 on CPU (measured: 98 vs 53 us per layer).
-        self.cache_dtype = weight_dtype
-        self.device = model.lm_head.weight.device
-        self.n_head = config.n_head
-        self.head_dim = config.n_embd // config.n_head
-        self.eps = config.layer_norm_epsilon
-        packed = _can_pack(self.dtype, self.device)
-        heads, dim, width = self.n_head, self.head_dim, config.n_embd
-
-        def cast(w: torch.Tensor) -> torch.Tensor:
-            return w.detach().to(self.dtype)
-
-        def linear(conv1d: Any, act: str = "none", order: torch.Tensor | None = None, scale=None) -> tuple:
-            weight, bias = conv1d.weight.detach(), conv1d.bias.detach()  # Conv1D stores (in, out)
-            if order is not None:
-                weight, bias = weight[:, order] * scale, bias[order] * scale
-            return _linear(cast(weight).t(), cast(bias), act, rows, packed and self.PACK_LAYERS)
-
-        tr = model.transformer
-        self.wte, self.wpe = cast(tr.wte.weight), cast(tr.wpe.weight)
-        self.head = _linear(cast(model.lm_head.weight).contiguous(), None, "none", rows, packed)[0]
-        self.ln_f = (cast(tr.ln_f.weight), cast(tr.ln_f.bias))
-        # QKV output columns (3, H, D) -> (H, 3, D): one head's q, k, v are adjacent, so q of all heads is a
-        # (B*H, 1, D) view and k, v land in the cache with one copy.
-        order = torch.arange(3 * width).view(3, heads, dim).transpose(0, 1).reshape(-1)
-        self.layers = []
-        for i, block in enumerate(tr.h):
-            scale = dim**-0.5 if config.scale_attn_weights else 1.0
-            if config.scale_attn_by_inverse_layer_idx:
-                scale /= float(i + 1)
-            q_scale = torch.ones(heads, 3, dim, dtype=block.attn.c_attn.weight.dtype, device=self.device)
-            q_scale[:, 0] = scale
-            self.layers.append(
-                (
-                    (cast(block.ln_1.weight), cast(block.ln_1.bias)),
-                    linear(block.attn.c_attn, order=order, scale=q_scale.view(-1)),
-                    linear(block.attn.c_proj),
-                    (cast(block.ln_2.weight), cast(block.ln_2.bias)),
-                    linear(block.mlp.c_fc, config.activation_function),
-                    linear(block.mlp.c_proj),
-                )
-            )
-
-    def _prefill(self, x: torch.Tensor, cache: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The prompt (B, P, C) through every block, filling cache[:, :, :, :, :P]; returns the last position (B, C).
-
-        The last block needs its output at the last position only (the other positions' k and v are all later
-        steps read), so its attention runs for one query row and its MLP for one position.
-        """
-        batch, plen, width = x.shape
-        last = len(self.layers) - 1
-        for i, ((ln1_w, ln1_b), (qkv_fn, _), (_, proj), (ln2_w, ln2_b), (fc, _), (_, out)) in enumerate(
-            self.layers
-        ):
-            qkv = qkv_fn(F.layer_norm(x, (width,), ln1_w, ln1_b, self.eps))
-            qkv = qkv.view(batch, plen, self.n_head, 3, self.head_dim)
-            layer_cache = cache[i]
-            layer_cache[:, :, :, :plen].copy_(qkv[:, :, :, 1:].permute(0, 2, 3, 1, 4))
-            q = qkv[:, :, :, 0].transpose(1, 2)  # (B, H, P, D)
-            if i == last:
-                q, mask, x = q[:, :, -1:], mask[:, :, -1:], x[:, -1:]
-            att = F.scaled_dot_product_attention(
-                q.to(self.cache_dtype),
-                layer_cache[:, :, 0, :plen],
-                layer_cache[:, :, 1, :plen],
-                attn_mask=mask,
-                scale=1.0,
-            )
-            att = att.transpose(1, 2).reshape(batch, -1, width).to(x.dtype)
-            x = proj(att, x)
-            x = out(fc(F.layer_norm(x, (width,), ln2_w, ln2_b, self.eps)), x)
-        return x[:, -1]
-
-    def _step(self, x: torch.Tensor, cache: torch.Tensor, t: int, key_bias: torch.Tensor) -> torch.Tensor:
-        """One decode step: x (B, C) at cache slot t, key_bias (B*H, 1, >t) -> hidden state (B, C)."""
-        batch, width = x.shape
-        heads, dim, end = batch * self.n_head, self.head_dim, t + 1
-        bias = key_bias[:, :, :end]
-        for layer, layer_cache in zip(self.layers, cache):
-            (ln1_w, ln1_b), (qkv_fn, _), (_, proj), (ln2_w, ln2_b), (fc, _), (_, out) = layer
-            qkv = qkv_fn(F.layer_norm(x, (width,), ln1_w, ln1_b, self.eps)).view(batch, self.n_head, 3, dim)
-            layer_cache[:, :, :, t].copy_(qkv[:, :, 1:])
-            keys = layer_cache[:, :, 0, :end].view(heads, end, dim)
-            values = layer_cache[:, :, 1, :end].view(heads, end, dim)
-            q = qkv[:, :, 0].view(heads, 1, dim).to(self.cache_dtype)
-            att = torch.bmm(torch.baddbmm(bias, q, keys.transpose(1, 2)).softmax(-1), values)
-            x = proj(att.view(batch, width).to(x.dtype), x)
-            x = out(fc(F.layer_norm(x, (width,), ln2_w, ln2_b, self.eps)), x)
-        return x
-
-    def decode_parts(self, prompts: list[list[int]], parts: int, *, max_new: int, **settings: Any):
-        """`decode` over `parts` slices of the batch, side by side in Python threads: lists of (tokens, logprobs).
-
-        The uniform draws of the whole rollout come from the generator first (row i's draws are the same however
-        the batch is split), so results do not depend on thread timing.
-        """
-        batch = len(prompts)
-        uniforms = None
-        if not settings["greedy"]:
-            uniforms = torch.rand(max_new, 2, batch, 1, generator=settings["generator"], device=self.device)
-        bounds = [batch * i // parts for i in range(parts + 1)]
-        slices = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-        results: list[Any] = [None] * parts
-
-        def work(i: int) -> None:
-            try:
-                torch.set_num_threads(1)  # this thread's own OpenMP setting
-                with torch.inference_mode():
-                    u = None if uniforms is None else uniforms[:, :, slices[i]]
-                    results[i] = self.decode(prompts[slices[i]], max_new=max_new, uniforms=u, **settings)
-            except BaseException as error:  # re-raised in the calling thread
-                results[i] = error
-
-        workers = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, parts)]
-        for w in workers:
-            w.start()
-        work(0)
-        for w in workers:
-            w.join()
-        for r in results:
-            if isinstance(r, BaseException):
-                raise r
-        return [r[0] for r in results], [r[1] for r in results]
-
-    def decode(
-        self,
-        prompts: list[list[int]],
-        *,
-        max_new: int,
-        eos: int,
-        pad: int,
-        uniforms: torch.Tensor | None = None,
-        **choice: Any,
-    ):
-        """(tokens (B, t), logprobs (B, t)) with -1 where a row was no longer generating.
-
-        `uniforms` (max_new, 2, B, 1): the random draws of every step (else drawn from the generator per step).
-        """
-        # logits / T == (ln_f with weight and bias / T) @ head: the temperature costs no (B, V) pass per step.
-        ln_f = tuple(w / choice["temperature"] for w in self.ln_f)
-        width = self.wte.shape[1]
-
-        def logits_of(h: torch.Tensor) -> torch.Tensor:
-            return self.head(F.layer_norm(h, (width,), *ln_f, self.eps))
-
-        # A prompt given several times (K responses per prompt) is prefilled once, its cache rows then copied.
-        first: dict[tuple[int, ...], int] = {}
-        source = [first.setdefault(tuple(p), len(first)) for p in prompts]
-        ids, mask = _left_pad([list(p) for p in first], pad, self.device)
-        batch, (n_unique, plen) = len(prompts), ids.shape
-        total = plen + max_new
-        cache = torch.empty(
-            (len(self.layers), n_unique, self.n_head, 2, total, self.head_dim),
-            dtype=self.cache_dtype,
-            device=self.device,
-        )
-        # Query rows of padding attend to themselves only (their output is never used, but a fully masked row would
-        # give NaN).
-        causal = torch.ones((plen, plen), dtype=torch.bool, device=self.device).tril()
-        allowed = (causal[None] & (mask[:, None, :] == 1)) | torch.eye(
-            plen, dtype=torch.bool, device=self.device
-        )
-        prefill_mask = torch.zeros((n_unique, 1, plen, plen), dtype=self.cache_dtype, device=self.device)
-        prefill_mask.masked_fill_(~allowed[:, None], -math.inf)
-        x = F.embedding(ids, self.wte) + F.embedding(position_ids_for(mask), self.wpe)
-        logits = logits_of(self._prefill(x, cache, prefill_mask))
-        if n_unique < batch:
-            src = torch.tensor(source, device=self.device)
-            cache, logits, mask = (
-                cache.index_select(1, src),
-                logits.index_select(0, src),
-                mask.index_select(0, src),
-            )
-        # Additive key mask of the decode steps, built once: -inf on left padding; one row per head, so that a step
-        # reads it as a (B*H, 1, S) view.
-        key_bias = torch.zeros((batch, 1, 1, total), dtype=self.cache_dtype, device=self.device)
-        key_bias[:, :, :, :plen].masked_fill_(mask[:, None, None, :] == 0, -math.inf)
-        key_bias = key_bias.expand(batch, self.n_head, 1, total).reshape(batch * self.n_head, 1, total)
-        # Positional rows of every step, gathered once: row i's t-th response token sits at position len_i + t.
-        step_pos = mask.sum(1)[None, :] + torch.arange(max_new, device=self.device)[:, None]  # (T, B)
-        step_pe = F.embedding(step_pos.clamp(max=self.wpe.shape[0] - 1), self.wpe)  # (T, B, C)
-
-        rows = torch.arange(batch, device=self.device)  # original row of each active row
-        done = torch.zeros(batch, dtype=torch.bool, device=self.device)
-        steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        for t in range(max_new):
-            token, lp = _choose(logits, **choice, scaled=True, u=None if uniforms is None else uniforms[t])
-            steps.append((rows, token, lp))
-            done = done | (token == eos)
-            n_done = int(done.sum())
-            if t == max_new - 1 or n_done == done.shape[0]:
-                break
-            if (
-                n_done and n_done * 4 >= done.shape[0]
-            ):  # drop finished rows once they are a quarter of the batch
-                keep = (~done).nonzero().squeeze(1)
-                rows, token, done = rows[keep], token[keep], done[keep]
-                cache = cache.index_select(1, keep)
-                key_bias = key_bias.view(-1, self.n_head, 1, total).index_select(0, keep).flatten(0, 1)
-                step_pe = step_pe.index_select(1, keep)
-                uniforms = None if uniforms is None else uniforms.index_select(2, keep)
-            x = F.embedding(token, self.wte) + step_pe[t]
-            logits = logits_of(self._step(x, cache, plen + t, key_bias))
-
-        tokens = torch.full((batch, len(steps)), -1, dtype=torch.long, device=self.device)
-        logprobs = torch.zeros((batch, len(steps)), dtype=torch.float32, device=self.device)
-        for t, (row, token, lp) in enumerate(steps):
-            tokens[row, t] = token
-            logprobs[row, t] = lp.float()
-        return tokens, logprobs
