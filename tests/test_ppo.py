@@ -445,11 +445,17 @@ def test_eager_attention_default_on_cpu_matches_sdpa_and_entropy_from_log_softma
     torch.testing.assert_close(entropy_from_logprobs(edge), torch.tensor([0.0, 0.6931472]))
 
 
-def test_trimmed_minibatch_gives_the_same_logprobs_and_losses(tmp_path, tiny_checkpoint, prompt_file):
-    """Dropping all-padding columns from a minibatch changes no log-prob, value or loss."""
+@pytest.mark.parametrize("penalty", ["reward", "loss"])
+def test_trimmed_minibatch_gives_the_same_logprobs_and_losses(
+    tmp_path, tiny_checkpoint, prompt_file, penalty
+):
+    """Dropping all-padding columns from a minibatch changes no log-prob, value or loss (nor, with the KL in the
+    loss, the reference's per-position distributions it trims alike)."""
     from rlhf.stages.ppo_iteration import accumulate_gradients
 
-    config, models, ids, rollout = _rollout_of_eight(tmp_path, tiny_checkpoint, prompt_file, seed=2)
+    config, models, ids, rollout = _rollout_of_eight(
+        tmp_path, tiny_checkpoint, prompt_file, 2, f"kl.penalty={penalty}"
+    )
     shortest = torch.tensor(sorted(range(8), key=lambda i: len(ids[i]))[:2])
     mb = rollout.select(shortest)
     mb.response_mask[1, 3:] = False  # a short response too: trailing columns are trimmed
@@ -466,9 +472,15 @@ def test_trimmed_minibatch_gives_the_same_logprobs_and_losses(tmp_path, tiny_che
     torch.testing.assert_close(
         cut * trimmed.response_mask, (full * mb.response_mask)[:, :5], atol=1e-5, rtol=0
     )
+    with torch.no_grad():  # move the policy off the reference so that the exact KL is not 0
+        for p in models.policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
     stats = [accumulate_gradients(models, m, config, 7.0) for m in (mb, trimmed)]
-    for key in ("pg_loss", "vf_loss", "approx_kl", "entropy"):
+    keys = ["pg_loss", "vf_loss", "approx_kl", "entropy"] + ["kl_exact"] * (penalty == "loss")
+    for key in keys:
         torch.testing.assert_close(stats[0][key], stats[1][key], atol=1e-5, rtol=1e-5)
+    if penalty == "loss":
+        assert trimmed.ref_log_softmax.shape[:2] == (2, 5) and stats[0]["kl_exact"] > 0
 
 
 def test_models_side_by_side_on_two_threads_equal_one_after_another(tmp_path, tiny_checkpoint, prompt_file):
