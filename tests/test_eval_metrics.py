@@ -171,6 +171,15 @@ def test_policy_labels_and_human_win_rate(tmp_path):
     assert out == {"win_rate/human": pytest.approx(1.5 / 3), "judged_pairs": 3}
 
 
+def test_best_of_n_at_kl_inverts_the_analytic_kl():
+    from rlhf.eval_metrics import best_of_n_at_kl
+
+    assert best_of_n_at_kl(0.0) == 1.0
+    for n in (2, 4, 64, 1000):
+        assert best_of_n_at_kl(best_of_n_kl(n)) == pytest.approx(n, rel=1e-9)
+    assert 16 < best_of_n_at_kl(2.35) < 32  # between best-of-16 (1.84) and best-of-32 (2.50)
+
+
 def test_value_at_kl_interpolates_in_sqrt_kl_and_refuses_to_extrapolate():
     from rlhf.eval_metrics import value_at_kl
 

@@ -101,7 +101,11 @@ def test_best_of_n_is_compared_at_the_policys_own_kl():
 
     bon = [{"n": 1, "kl": 0.0, "gold/score": 0.0}, {"n": 4, "kl": 1.0, "gold/score": 0.4}]
     text = _best_of_n_text(bon, {"kl/mean": 0.25, "gold/score": 0.3})  # sqrt 0.5: halfway, 0.2
-    assert text == " (above best-of-n at the same KL: +0.200; best-of-4: +0.400 at KL 1.00)"
+    # KL 0.25 is best-of-2.4's analytic KL (log n - (n - 1)/n)
+    assert (
+        text
+        == " (above best-of-n at the same KL: +0.200, n = 2 samples per prompt; best-of-4: +0.400 at KL 1.00)"
+    )
     assert "below" in _best_of_n_text(bon, {"kl/mean": 1.0, "gold/score": 0.1})
     assert _best_of_n_text([], {"kl/mean": 1.0, "gold/score": 0.1}) == ""
 

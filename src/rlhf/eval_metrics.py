@@ -121,11 +121,26 @@ def win_rate_from_ranks(ranks: Sequence[Sequence[int]]) -> float:
     return win_rate([-r[0] for r in ranks], [-r[1] for r in ranks])
 
 
-def best_of_n_kl(n: int) -> float:
+def best_of_n_kl(n: float) -> float:
     """Analytic KL(best-of-n || base) = log n - (n-1)/n (exact when the n samples' rewards are distinct)."""
     if n < 1:
         raise ValueError(f"best-of-n needs n >= 1, got {n}")
     return math.log(n) - (n - 1) / n
+
+
+def best_of_n_at_kl(kl: float) -> float:
+    """The (real-valued) n whose analytic best-of-n KL equals `kl`: the inverse of `best_of_n_kl`, by bisection (the
+    KL rises monotonically with n). How many samples and reward-model calls per prompt best-of-n spends to move as
+    far from the base as a policy that samples once."""
+    if kl <= 0:
+        return 1.0
+    low, high = 1.0, 2.0
+    while best_of_n_kl(high) < kl:  # the formula holds for real n too
+        low, high = high, high * 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if best_of_n_kl(mid) < kl else (low, mid)
+    return (low + high) / 2
 
 
 def value_at_kl(points: Sequence[tuple[float, float]], kl: float) -> float | None:

@@ -121,7 +121,7 @@ def _best_of_n_text(rows: list[dict], pol: dict) -> str:
     """Best-of-n beside the final policy: at the policy's own KL where the best-of-n curve reaches it."""
     if not rows:
         return ""
-    from rlhf.eval_metrics import value_at_kl
+    from rlhf.eval_metrics import best_of_n_at_kl, value_at_kl
 
     top = max(rows, key=lambda r: r["n"])
     largest = f"best-of-{top['n']}: {_f(top['gold/score'])} at KL {top['kl']:.2f}"
@@ -129,7 +129,10 @@ def _best_of_n_text(rows: list[dict], pol: dict) -> str:
     if matched is None:
         return f" ({largest}; the policy's KL is beyond best-of-n's range)"
     verdict = "above" if pol["gold/score"] > matched else "below"
-    return f" ({verdict} best-of-n at the same KL: {_f(matched)}; {largest})"
+    n = best_of_n_at_kl(
+        pol["kl/mean"]
+    )  # what best-of-n pays at inference for that KL; the policy samples once
+    return f" ({verdict} best-of-n at the same KL: {_f(matched)}, n = {n:.0f} samples per prompt; {largest})"
 
 
 def summary_lines(run: str | Path) -> list[str]:
