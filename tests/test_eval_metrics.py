@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,6 +152,16 @@ def test_policy_labels_and_human_win_rate(tmp_path):
     assert policy_label("runs/demo/round-1/ppo/snapshots/iter-000020") == "round-1/ppo@20"
     assert policy_label("runs/demo/sft/model") == "sft"
     assert policy_label("runs/demo/round-2/dpo/model") == "round-2/dpo"
+    # two runs' PPO models would both be "ppo": each gets the folder above it, and a clash with the reference too
+    from rlhf.evaluate import unique_labels
+
+    paths = [
+        Path("runs/a/ppo/model"),
+        Path("runs/b/ppo/model"),
+        Path("x/sft/model"),
+        Path("runs/a/ppo/snapshots/iter-8"),
+    ]
+    assert unique_labels(paths, taken=("sft",)) == ["a/ppo", "b/ppo", "x/sft", "ppo@8"]
     assert [policy_method(x) for x in ("round-2/dpo", "round-1/ppo@20", "sft")] == ["dpo", "ppo", "sft"]
     # pairs for the app: one K=2 record per (prompt, sample), both policies named, sides shuffled
     pol, ref = _scored([0, 0], [0, 0]), _scored([0, 0], [0, 0])

@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import random
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,9 @@ class EvalConfig(StageConfig):
 # Finding policies
 
 
-def policy_label(path: str | Path) -> str:
-    """A short name: runs/demo/round-1/ppo/model -> round-1/ppo; .../ppo/snapshots/iter-000040 -> round-1/ppo@40."""
+def policy_label(path: str | Path, depth: int = 0) -> str:
+    """A short name: runs/demo/round-1/ppo/model -> round-1/ppo; .../ppo/snapshots/iter-000040 -> round-1/ppo@40.
+    `depth` > 0 keeps at least that many trailing folders (see `unique_labels`)."""
     parts = list(Path(path).parts)
     step = ""
     for marker in ("checkpoints", "snapshots"):
@@ -99,7 +101,24 @@ def policy_label(path: str | Path) -> str:
     while parts and parts[-1] in ("model", "policy"):
         parts.pop()
     keep = parts[-2:] if len(parts) >= 2 and parts[-2].startswith("round-") else parts[-1:]
+    if depth > len(keep):
+        keep = parts[-depth:]
     return "/".join(keep) + step
+
+
+def unique_labels(paths: list[Path], taken: tuple[str, ...] = ()) -> list[str]:
+    """`policy_label` of each path, lengthened by leading folders where two would be equal (runs/a/ppo/model and
+    runs/b/ppo/model: a/ppo and b/ppo) or equal one in `taken` (the reference's), so no result overwrites another."""
+    depths = [0] * len(paths)
+    for _ in range(16):
+        labels = [policy_label(p, d) for p, d in zip(paths, depths)]
+        counts = Counter([*labels, *taken])
+        clashes = [i for i, label in enumerate(labels) if counts[label] > 1]
+        if not clashes:
+            return labels
+        for i in clashes:
+            depths[i] = len(labels[i].split("@")[0].split("/")) + 1
+    raise UserError(f"policies with indistinguishable paths: {sorted(set(labels))}")
 
 
 def policy_method(label: str) -> str:
@@ -363,12 +382,15 @@ def run(config: EvalConfig) -> dict[str, Any]:
     k = config.samples_per_prompt
     ref_label = policy_label(config.reference)
     folders = [Path(p) for p in config.policies]
-    snapshot_of: dict[str, str] = {}
+    snapshots: set[Path] = set()
     for stage in config.snapshots:
         for folder in snapshot_folders(stage):
             if folder.resolve() not in {f.resolve() for f in folders}:
                 folders.append(folder)
-                snapshot_of[policy_label(folder)] = policy_label(stage)
+                snapshots.add(folder)
+    labels = unique_labels(folders, taken=(ref_label,))
+    # a snapshot's label is its stage's label + @step
+    snapshot_of = {lab: lab.split("@")[0] for f, lab in zip(folders, labels) if f in snapshots}
     bar = progress(len(folders) + 1, "eval", unit="policy")
 
     # 1. The reference: one pool of n_max samples per prompt serves best-of-n; its first k are the SFT row.
@@ -387,8 +409,7 @@ def run(config: EvalConfig) -> dict[str, Any]:
     }
     scored = {ref_label: ref}
     # 2. Every policy and snapshot, on the same prompts and the same sampling seed.
-    for folder in folders:
-        label = policy_label(folder)
+    for folder, label in zip(folders, labels):
         policy = load_causal_lm(folder).eval()
         s = score_policy(policy, ref_model, tokenizer, rm, texts, prompt_ids, config, k)
         scored[label] = s
