@@ -241,7 +241,7 @@ def test_lora_dpo_uses_the_base_as_reference_and_saves_a_plain_model(planted, ti
 def test_pair_layout_log_probs_equal_unpadded_forwards(tiny_model):
     """Left-padded prompts + right-padded responses (the LM head on response columns only) give each response's
     summed log-prob of an unpadded forward over that row alone, whatever the prompt and response lengths."""
-    from rlhf.stages.dpo import Pair, collate, sequence_logprobs, shared_prompt_logprobs
+    from rlhf.stages.dpo_pairs import Pair, collate, sequence_logprobs, shared_prompt_logprobs
 
     pairs = [Pair([1, 5, 6], [7, 8, 2], [9, 2]), Pair([1, 10, 11, 12, 13], [14, 2], [15, 16, 17, 18, 2])]
     ids, attn, start = collate(pairs, pad_id=0)
