@@ -321,3 +321,49 @@ def test_batch_split_across_threads_gives_the_same_samples(tiny_tokenizer, promp
         assert parts == [1, 2, 1, 2]
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_scripted_decode_step_equals_the_eager_step(tiny_tokenizer, prompt_ids, bf16, monkeypatch):
+    """Over prepacked weights a decode step runs as one TorchScript call (`_packed_step`): the same tokens and
+    log-probs, bit for bit, as the eager step; rows finishing on the way, 1 and 2 parts (2 also prepacks in 2
+    threads), a prompt given twice."""
+    scripted = fast_gpt2._scripted_step()
+    if scripted is None:
+        pytest.skip("TorchScript is not available in this torch: the eager step runs")
+    calls = []
+
+    def counting(*args):
+        calls.append(args[0].shape[0])
+        return scripted(*args)
+
+    monkeypatch.setattr(fast_gpt2, "_scripted_step", lambda: counting)
+    monkeypatch.setattr(fast_gpt2.FastGPT2, "MIN_PART_ROWS", 4)
+    monkeypatch.setattr(sampling, "_idle_cores", lambda: 2)  # as on an idle machine
+    model = eos_prone_model(tiny_tokenizer, seed=6)
+    before = torch.get_num_threads()
+    runs = {}
+    try:
+        for use_script in (False, True):
+            monkeypatch.setattr(fast_gpt2.FastGPT2, "SCRIPTED_STEP", use_script)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                runs[use_script, threads] = generate(
+                    model,
+                    tiny_tokenizer,
+                    prompt_ids * 2,
+                    max_new_tokens=16,
+                    temperature=0.8,
+                    generator=torch.Generator().manual_seed(9),
+                    bf16=bf16,
+                )
+    finally:
+        torch.set_num_threads(before)
+    eager = runs[False, 1]
+    assert eager.finished.any() and not eager.finished.all()
+    for run in runs.values():
+        assert torch.equal(run.response_ids, eager.response_ids) and torch.equal(run.logprobs, eager.logprobs)
+    packed = fast_gpt2._can_pack(torch.bfloat16 if bf16 else torch.float32, torch.device("cpu"))
+    assert bool(calls) == packed  # the scripted step ran wherever the weights are prepacked
+    if packed:
+        assert 12 in calls and 6 in calls and set(calls) - {12, 6}  # 1 and 2 parts; finished rows dropped

@@ -128,7 +128,8 @@ def generate(
     try:
         with _threads(1 if small else torch.get_num_threads()), torch.inference_mode():
             rows = -(-min(step, len(prompt_ids)) // parts)
-            decoder = FastGPT2(model, bf16, rows) if use_fast else None
+            # with parts > 1, the weights are also cast and prepacked in that many threads
+            decoder = FastGPT2(model, bf16, rows, parts) if use_fast else None
             for start in range(0, len(prompt_ids), step):
                 chunk = prompt_ids[start : start + step]
                 if decoder is not None:
