@@ -4,12 +4,12 @@
 per-token log-probs of the sampled tokens under the sampling temperature, and whether each response ended with EOS.
 
 Two decode paths give the same distribution:
-- GPT-2-family weights (our presets, any `GPT2LMHeadModel`) run through `rlhf.fast_gpt2`, a plain-torch decoder over the model's own
-  weights, cast and prepacked for oneDNN once per call: a preallocated static KV cache, one additive padding mask
-  built once, positional rows gathered once, batched-GEMM attention for the single query row, the temperature folded
-  into the final layer norm, exact two-level inverse-CDF sampling (no cumulative sum over the whole vocabulary),
-  finished rows dropped from the batch, small batches on one intra-op thread, and with more threads allowed the
-  batch split into parts decoded side by side. It is a few times faster than `model.generate` on CPU because a
+- GPT-2-family weights (our presets, any `GPT2LMHeadModel`) run through `rlhf.fast_gpt2`, a plain-torch decoder
+  over the model's own weights, cast and prepacked for oneDNN once per call: a preallocated static KV cache, one
+  additive padding mask built once, positional rows gathered once, batched-GEMM attention for the single query row,
+  the temperature folded into the final layer norm, each decode step one TorchScript call, exact two-level
+  inverse-CDF sampling (no cumulative sum over the whole vocabulary), finished rows dropped from the batch, small
+  batches on one intra-op thread, and with more threads allowed the batch split into parts decoded side by side. It is a few times faster than `model.generate` on CPU because a
   decode step there is dominated by per-op overhead (most of it thread-pool fork/join around tiny ops), not
   arithmetic.
 - Any other causal LM runs a generic loop over the model's `past_key_values`.
