@@ -129,9 +129,8 @@ def _best_of_n_text(rows: list[dict], pol: dict) -> str:
     if matched is None:
         return f" ({largest}; the policy's KL is beyond best-of-n's range)"
     verdict = "above" if pol["gold/score"] > matched else "below"
-    n = best_of_n_at_kl(
-        pol["kl/mean"]
-    )  # what best-of-n pays at inference for that KL; the policy samples once
+    # what best-of-n pays at inference for that KL, where the policy samples once
+    n = best_of_n_at_kl(pol["kl/mean"])
     return f" ({verdict} best-of-n at the same KL: {_f(matched)}, n = {n:.0f} samples per prompt; {largest})"
 
 
