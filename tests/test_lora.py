@@ -103,3 +103,54 @@ def test_classifier_head_trains_and_bad_targets_are_named(tiny_tokenizer):
     assert apply_lora(off, LoraSettings()) is off
     with pytest.raises(ValueError, match="no LoRA adapters"), reference_logprobs_with_adapters_disabled(off):
         pass
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fast_sampler_folds_the_adapters_in(tiny_tokenizer, bf16):
+    """The fast GPT-2 decoder samples a LoRA policy (adapters on the block linears) with the adapters folded into the
+    weights it casts: its log-probs are the adapted model's, and greedy decoding equals the Hugging Face loop's."""
+    from peft import LoraConfig, get_peft_model
+
+    from rlhf.data.template import encode_prompt
+    from rlhf.fast_gpt2 import FastGPT2
+    from rlhf.sampling import generate, join_prompt_response, token_logprobs
+
+    peft = apply_lora(make_tiny_model(tiny_tokenizer, seed=5), LoraSettings(enabled=True, r=4, alpha=8))
+    with torch.no_grad():  # B starts at 0: give the adapters a visible effect
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    policy = peft.get_base_model()  # what PPO samples with
+    assert FastGPT2.supports(policy)
+    prompts = [encode_prompt(tiny_tokenizer, p) for p in ("once upon a time", "the king", "a happy dog ran")]
+    settings = dict(max_new_tokens=12, bf16=bf16)
+    gen = generate(
+        policy,
+        tiny_tokenizer,
+        prompts,
+        temperature=0.8,
+        generator=torch.Generator().manual_seed(2),
+        **settings,
+    )
+    ids, mask, start = join_prompt_response(
+        prompts, gen.response_ids, gen.response_mask, tiny_tokenizer.pad_token_id
+    )
+    with torch.no_grad():
+        full = token_logprobs(policy, ids, mask, temperature=0.8)[:, start - 1 :]
+        with peft.disable_adapter():
+            base = token_logprobs(policy, ids, mask, temperature=0.8)[:, start - 1 :]
+    real = gen.response_mask
+    tolerance = 0.05 if bf16 else 1e-5
+    torch.testing.assert_close(gen.logprobs[real], full[real], atol=tolerance, rtol=0)
+    assert (gen.logprobs[real] - base[real]).abs().max() > 10 * tolerance  # the adapters matter
+    fast = generate(policy, tiny_tokenizer, prompts, greedy=True, **settings)
+    loop = generate(policy, tiny_tokenizer, prompts, greedy=True, fast=False, **settings)
+    if not bf16:  # bf16 rounding may flip a near-tie between the two paths
+        assert torch.equal(fast.response_ids, loop.response_ids)
+    # layers the decoder cannot fold (the tied embedding / output head, DoRA) keep the Hugging Face loop
+    other = get_peft_model(make_tiny_model(tiny_tokenizer), LoraConfig(r=2, target_modules=["wte"]))
+    dora = get_peft_model(
+        make_tiny_model(tiny_tokenizer),
+        LoraConfig(r=2, target_modules=["c_attn"], use_dora=True, fan_in_fan_out=True),
+    )
+    assert not FastGPT2.supports(other.get_base_model()) and not FastGPT2.supports(dora.get_base_model())

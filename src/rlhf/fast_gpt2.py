@@ -98,6 +98,20 @@ def _scripted_step() -> Any:
         return None
 
 
+def _conv1d_weights(module: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A GPT-2 Conv1D's (weight (in, out), bias); a LoRA-wrapped one (PEFT) with its active adapters folded in,
+    weight + (alpha / r) B A in the weight's own layout (what PEFT's merge adds), unless they are off or merged."""
+    base = getattr(module, "base_layer", None)
+    if base is None:
+        return module.weight.detach(), module.bias.detach()
+    weight = base.weight.detach()
+    if not module.disable_adapters and not module.merged:
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                weight = weight + module.get_delta_weight(name).detach().to(weight.dtype)
+    return weight, base.bias.detach()
+
+
 def _can_pack(dtype: torch.dtype, device: torch.device) -> bool:
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
@@ -141,14 +155,27 @@ class FastGPT2:
     # with more threads allowed, a batch is split into parts of at least this many rows, decoded side by side
     MIN_PART_ROWS = 8
 
+    # layers whose LoRA adapters (PEFT) are folded into the weights when they are cast (`_conv1d_weights`)
+    LORA_LAYERS = ("c_attn", "c_proj", "c_fc")
+
     @classmethod
     def supports(cls, model: Any) -> bool:
+        """GPT-2 weights, plain or with plain LoRA adapters on the block linears (a PPO policy under `lora.*`)."""
         config = getattr(model, "config", None)
-        return (
+        if not (
             type(model).__name__ == "GPT2LMHeadModel"
             and getattr(config, "activation_function", "") in cls.ACTIVATIONS
             and not getattr(config, "add_cross_attention", False)
-        )
+        ):
+            return False
+        for name, module in model.named_modules():
+            if hasattr(module, "base_layer") and (  # PEFT-wrapped: only plain LoRA on the block linears
+                name.rsplit(".", 1)[-1] not in cls.LORA_LAYERS
+                or any(getattr(module, "use_dora", {}).values())
+                or not hasattr(module, "get_delta_weight")
+            ):
+                return False
+        return True
 
     def __init__(self, model: Any, bf16: bool = False, rows: int = 16, threads: int = 1):
         """`threads` > 1: cast and prepack the weights in that many Python threads, as when the batch is then decoded
@@ -171,7 +198,7 @@ class FastGPT2:
             return w.detach().to(self.dtype)
 
         def linear(conv1d: Any, act: str = "none", order: torch.Tensor | None = None, scale=None) -> tuple:
-            weight, bias = conv1d.weight.detach(), conv1d.bias.detach()  # Conv1D stores (in, out)
+            weight, bias = _conv1d_weights(conv1d)  # Conv1D stores (in, out)
             if order is not None:
                 weight, bias = weight[:, order] * scale, bias[order] * scale
             return _linear(cast(weight).t(), cast(bias), act, rows, packed and self.PACK_LAYERS)

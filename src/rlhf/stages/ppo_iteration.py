@@ -191,9 +191,7 @@ def collect_rollout(
             max_new_tokens=config.max_new_tokens,
             temperature=config.temperature,
             generator=generator,
-            bf16=config.bf16,
-            # the fast GPT-2 decoder reads plain weights; LoRA layers need the HF loop
-            fast=models.peft is None,
+            bf16=config.bf16,  # under LoRA the fast GPT-2 decoder folds the adapters into the weights it casts
         )
 
     def prefixes() -> dict[str, Any]:  # the frozen/value trunks over the prompts, while the policy samples
