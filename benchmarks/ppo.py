@@ -6,8 +6,10 @@ temperature 0.7, 1 PPO epoch, 4 minibatches of 4, lr 1e-5, fixed KL coefficient 
 Seconds per iteration are medians of the gaps between iterations (the first one, warm-up, excluded): wall-clock
 seconds, or with --cpu-time the process's own CPU seconds, all threads summed (robust on a busy shared machine with
 --threads 1: the work each side does; with 2 threads on a busy machine TRL's two OpenMP threads spin while waiting
-for each other and bill that CPU, so its CPU time balloons, and ours gets no credit for running two models at once). The runs are interleaved in rounds
-(TRL, ours fp32, ours bf16; the order flips every round) so that a machine whose load drifts affects all alike.
+for each other and bill that CPU, so its CPU time balloons, and ours gets no credit for running two models at
+once). The runs are interleaved in rounds (TRL fp32, TRL bf16, ours fp32, ours bf16; the order flips every round)
+so that a machine whose load drifts affects all alike. Each dtype is compared with the same dtype: TRL's bf16 run is
+its Accelerate mixed precision (CPU autocast).
 
     .venv/bin/python benchmarks/ppo.py [--quick] [--threads 2] [--cpu-time] [--rounds N]
 """
@@ -124,7 +126,9 @@ def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool, tag:
     return {"gaps": gaps, "tokens": tokens, "split": split, "splits": splits, "last": rows[-1]}
 
 
-def run_trl(folder: Path, prompt_ids: list[list[int]], tok, iterations: int, tag: str = "") -> dict:
+def run_trl(
+    folder: Path, prompt_ids: list[list[int]], tok, iterations: int, tag: str = "", bf16: bool = False
+) -> dict:
     import logging
 
     import trl.experimental.ppo.ppo_trainer as trl_ppo
@@ -164,6 +168,7 @@ def run_trl(folder: Path, prompt_ids: list[list[int]], tok, iterations: int, tag
         disable_tqdm=True,
         seed=0,
         use_cpu=True,
+        bf16=bf16,  # Accelerate's mixed precision: CPU autocast to bfloat16
     )
     rows, stamps, gen_time = [], [], []
     original = trl_ppo.batch_generation
@@ -239,15 +244,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         build_models(tok, folder)
-        runs: dict[str, list[dict]] = {"trl": [], "fp32": [], "bf16": []}
+        runs: dict[str, list[dict]] = {"trl": [], "trl_bf16": [], "fp32": [], "bf16": []}
         for r in range(rounds):
-            order = ["trl", "fp32", "bf16"] if r % 2 == 0 else ["bf16", "fp32", "trl"]
-            for side in order:
-                if side == "trl":
-                    runs[side].append(run_trl(folder, prompt_ids, tok, iterations, tag=f"-{r}"))
+            order = ["trl", "trl_bf16", "fp32", "bf16"]
+            for side in order if r % 2 == 0 else order[::-1]:
+                bf16_side = side.endswith("bf16")
+                if side.startswith("trl"):
+                    runs[side].append(run_trl(folder, prompt_ids, tok, iterations, f"-{side}-{r}", bf16_side))
                 else:
-                    runs[side].append(run_ours(folder, prompts, iterations, side == "bf16", tag=f"-{r}"))
-        trl, fp32, bf16 = (pooled(runs[k]) for k in ("trl", "fp32", "bf16"))
+                    runs[side].append(run_ours(folder, prompts, iterations, bf16_side, tag=f"-{r}"))
+        trl, trl_bf16, fp32, bf16 = (pooled(runs[k]) for k in ("trl", "trl_bf16", "fp32", "bf16"))
     print(
         f"{rounds} interleaved rounds x {iterations} iterations per run (medians of {rounds * (iterations - 1)})"
     )
@@ -266,19 +272,20 @@ def main() -> None:
                 r["last"]["objective/kl"],
             ]
         )
-    t = trl["last"]
-    rows.append(
-        [
-            "TRL 1.12",
-            trl["s_it"],
-            trl["tokens"] / trl["s_it"],
-            trl["generation"],
-            "-",
-            "-",
-            t.get("objective/scores", float("nan")),
-            t.get("objective/kl", float("nan")),
-        ]
-    )
+    for name, r in (("TRL 1.12 fp32", trl), ("TRL 1.12 bf16", trl_bf16)):
+        t = r["last"]
+        rows.append(
+            [
+                name,
+                r["s_it"],
+                r["tokens"] / r["s_it"],
+                r["generation"],
+                "-",
+                "-",
+                t.get("objective/scores", float("nan")),
+                t.get("objective/kl", float("nan")),
+            ]
+        )
     header = [
         "run",
         "s/iteration",
@@ -294,7 +301,13 @@ def main() -> None:
         "(TRL's scoring and training are not split out; its generation time is timed around batch_generation.)"
     )
     result("ppo_seconds_per_iteration", fp32["s_it"], trl["s_it"], "s", higher_is_better=False)
-    result("ppo_rollout_tok_s_bf16", bf16["tokens"] / bf16["s_it"], trl["tokens"] / trl["s_it"], "tok/s")
+    # bf16 against TRL's bf16 run (its Accelerate mixed precision: CPU autocast), like for like
+    result(
+        "ppo_rollout_tok_s_bf16",
+        bf16["tokens"] / bf16["s_it"],
+        trl_bf16["tokens"] / trl_bf16["s_it"],
+        "tok/s",
+    )
     result("ppo_rollout_tok_s", fp32["tokens"] / fp32["s_it"], trl["tokens"] / trl["s_it"], "tok/s")
 
 
