@@ -6,7 +6,8 @@ import json
 import re
 from pathlib import Path
 
-from rlhf.report import _methods_section, build_report, curve_keys, numeric_series, read_evals, summary_lines
+from rlhf.report import _methods_section, build_report, summary_lines
+from rlhf.run_results import curve_keys, numeric_series, read_evals
 
 
 def _policy(gold, proxy, kl, win, d2, role, **extra):
