@@ -17,6 +17,7 @@ from rlhf.losses import (
     kl_k3,
     masked_whiten,
     policy_loss,
+    rloo_advantages,
     value_loss,
 )
 
@@ -58,6 +59,32 @@ def test_gae_vectorised_equals_loop(gamma, lam):
     ref_adv, ref_ret = gae_loop(rewards, values, mask.double(), gamma, lam)
     torch.testing.assert_close(adv, ref_adv)
     torch.testing.assert_close(ret, ref_ret)
+
+
+def test_rloo_advantages_hand_numbers():
+    # two prompts x 3 responses; returns are the row sums over real tokens (the 9.0s sit on padding)
+    rewards = torch.tensor(
+        [
+            [0.0, 1.0, 9.0],  # return 1
+            [2.0, 9.0, 9.0],  # 2
+            [-0.5, 0.5, 6.0],  # 6
+            [0.0, 0.0, 3.0],  # 3
+            [0.0, 3.0, 9.0],  # 3
+            [0.0, 0.0, 0.0],  # 0
+        ]
+    )
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    adv, ret = rloo_advantages(rewards, mask, group_size=3)
+    # A_i = R_i - mean of the other two: 1 - 4, 2 - 3.5, 6 - 1.5; 3 - 1.5, 3 - 1.5, 0 - 3
+    per_response = torch.tensor([-3.0, -1.5, 4.5, 1.5, 1.5, -3.0])
+    torch.testing.assert_close(adv, per_response[:, None] * mask)
+    torch.testing.assert_close(ret, torch.tensor([1.0, 2, 6, 3, 3, 0])[:, None] * mask)
+    # leave-one-out advantages of a group sum to zero: the baseline takes nothing from the mean
+    torch.testing.assert_close(per_response.view(2, 3).sum(1), torch.zeros(2))
+    with pytest.raises(ValueError, match="groups"):
+        rloo_advantages(rewards, mask, group_size=4)
+    with pytest.raises(ValueError, match="groups"):
+        rloo_advantages(rewards, mask, group_size=1)
 
 
 def test_masked_whiten_ignores_padding():

@@ -266,6 +266,44 @@ def test_exact_kl_in_the_loss_learns_and_holds_the_policy_near_the_reference_wit
     assert sum(tied[-2:]) / 2 < sum(free[-2:]) / 2 - 0.05, (tied, free)
 
 
+def test_rloo_samples_groups_per_prompt_learns_without_a_value_model_and_resumes(
+    tmp_path, tiny_checkpoint, prompt_file
+):
+    seen = []
+
+    def scored(prompts, gen):
+        seen.append(list(prompts))
+        return target_share(prompts, gen)
+
+    args = ("advantage=rloo", "samples_per_prompt=4", "kl.coef=0.01", "save_every=4")
+    summary = run(
+        tiny_config(tmp_path, tiny_checkpoint, prompt_file, *args, "iterations=8", "name=rloo"), scored
+    )
+    # 32 responses = 8 prompts x 4, each prompt's responses side by side; a fresh 8 prompts every iteration
+    assert all(len(set(batch[i : i + 4])) == 1 for batch in seen for i in range(0, 32, 4))
+    assert len({tuple(batch[::4]) for batch in seen}) == len(seen) and len(set(seen[0][::4])) == 8
+    rows = read_metrics(tmp_path / "runs" / "rloo" / "ppo")
+    first, last = rows[0]["objective/score"], sum(r["objective/score"] for r in rows[-2:]) / 2
+    assert last > first + 0.06, [r["objective/score"] for r in rows]
+    assert 0 < rows[-1]["objective/kl"] < 20
+    out = tmp_path / "runs" / "rloo" / "ppo"
+    assert (out / "model" / "config.json").exists() and not (out / "value").exists()
+    assert not (out / "checkpoints" / "step-0000008" / "value").exists()
+
+    short = ("iterations=6", "name=r2")
+    whole = run(tiny_config(tmp_path, tiny_checkpoint, prompt_file, *args, "iterations=6", "name=r1"), scored)
+    run(tiny_config(tmp_path, tiny_checkpoint, prompt_file, *args, "iterations=4", "name=r2"), scored)
+    resumed = run(tiny_config(tmp_path, tiny_checkpoint, prompt_file, *args, *short, "resume=true"), scored)
+    for key in ("objective/score", "objective/kl", "policy/clipfrac", "policy/approx_kl"):
+        assert resumed["final"][key] == pytest.approx(whole["final"][key], rel=1e-5, abs=1e-7), key
+    assert summary["final"]["value/loss"] != summary["final"]["value/loss"]  # NaN: there is no value model
+
+    with pytest.raises(UserError, match="samples_per_prompt"):
+        tiny_config(tmp_path, tiny_checkpoint, prompt_file, "advantage=rloo")
+    with pytest.raises(UserError, match="samples_per_prompt"):
+        tiny_config(tmp_path, tiny_checkpoint, prompt_file, "samples_per_prompt=5")
+
+
 def test_resume_gives_the_same_final_metrics(tmp_path, tiny_checkpoint, prompt_file):
     args = (
         "batch_size=8",

@@ -125,6 +125,26 @@ def gae(
     return advantages, (advantages + values) * m
 
 
+def rloo_advantages(
+    rewards: torch.Tensor, mask: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024, https://arxiv.org/abs/2402.14740).
+
+    Rows come in groups of `group_size` consecutive responses to the same prompt. Each response's return is the sum
+    of its token rewards (gamma = 1), and its baseline the mean return of the other responses in its group: an
+    unbiased, value-model-free baseline. Every real token of a response gets its advantage. Returns (advantages,
+    returns), both (B, T) and zero on padding; `returns` broadcasts each response's return over its tokens.
+    """
+    batch = rewards.shape[0]
+    if group_size < 2 or batch % group_size:
+        raise ValueError(f"rloo needs groups of >= 2 responses, got {batch} rows in groups of {group_size}")
+    m = mask.to(rewards.dtype)
+    total = (rewards * m).sum(1).view(-1, group_size)  # (G, k): each response's return
+    baseline = (total.sum(1, keepdim=True) - total) / (group_size - 1)  # (G, k): mean of the other k - 1
+    advantages = (total - baseline).reshape(batch, 1) * m  # (B, T)
+    return advantages, total.reshape(batch, 1) * m
+
+
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """Per-token k1 = log p(x) - log p_ref(x) for x ~ p: unbiased for KL(p||p_ref), high variance, can be < 0."""
     return logprobs - ref_logprobs

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from rlhf.losses import gae, kl_k1, masked_var, masked_whiten
+from rlhf.losses import gae, kl_k1, masked_var, masked_whiten, rloo_advantages
 
 
 @dataclass
@@ -52,8 +52,12 @@ class Rollout:
     rewards: torch.Tensor | None = (
         None  # (B, T) float: -beta * kl on every token + score on the last real one
     )
-    advantages: torch.Tensor | None = None  # (B, T) float: GAE advantages, whitened over real tokens
-    returns: torch.Tensor | None = None  # (B, T) float: advantages + values (before whitening), value targets
+    advantages: torch.Tensor | None = (
+        None  # (B, T) float: GAE (or RLOO) advantages, whitened over real tokens
+    )
+    returns: torch.Tensor | None = (
+        None  # (B, T) float: GAE: advantages + values (value targets); RLOO: returns
+    )
     ref_log_softmax: torch.Tensor | None = None  # (B, T, V) float: log pi_ref(. | state); KL in the loss only
     loss_kl_coef: float = 0.0  # beta / advantage scale, for the exact KL in the loss; 0 = KL in rewards
 
@@ -153,17 +157,24 @@ def finish_rollout(
     whiten_rewards: bool = False,
     whiten_advantages: bool = True,
     kl_in_loss: bool = False,
+    advantage: str = "gae",
+    group_size: int = 1,
 ) -> Rollout:
     """Fill rewards, kl, advantages and returns from scores, log-probs and values (all already in `rollout`).
     `kl_in_loss`: no KL in the rewards; `loss_kl_coef` is set so that the loss's beta * exact KL keeps the balance
-    of score and KL that beta sets in the rewards once the advantages are whitened (divided by their scale)."""
+    of score and KL that beta sets in the rewards once the advantages are whitened (divided by their scale).
+    `advantage="rloo"`: leave-one-out advantages over groups of `group_size` consecutive rows (the same prompt)
+    instead of GAE; the values are not used."""
     mask = rollout.response_mask
     rewards, kl = layout_rewards(
         rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, 0.0 if kl_in_loss else kl_coef
     )
     if whiten_rewards:
         rewards = masked_whiten(rewards, mask, shift_mean=False)
-    advantages, returns = gae(rewards, rollout.values, mask, gamma, lam)
+    if advantage == "rloo":
+        advantages, returns = rloo_advantages(rewards, mask, group_size)
+    else:
+        advantages, returns = gae(rewards, rollout.values, mask, gamma, lam)
     scale = 1.0
     if whiten_advantages:
         scale = float(masked_var(advantages, mask).clamp(min=1e-8).sqrt())

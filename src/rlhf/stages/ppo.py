@@ -4,11 +4,13 @@
 
 One iteration, as numbered steps (Ziegler et al. 2019, https://arxiv.org/abs/1909.08593; Stiennon et al. 2020;
 Ouyang et al. 2022, https://arxiv.org/abs/2203.02155):
-  1. sample one response per prompt with the fast sampler (log-probs at the sampling temperature come with it);
+  1. sample `samples_per_prompt` responses per prompt (default 1) with the fast sampler (log-probs at the
+     sampling temperature come with it);
   2. reference log-probs (frozen SFT copy) and values (value model) over the response columns;
   3. score with the reward model (or a callable in tests), apply the missing-EOS rule, scale, clip;
   4. rewards: -beta * KL on every response token + the score on the last real one (or, with kl.penalty=loss,
-     the score only and beta * exact KL in the loss of step 5); GAE; whitened advantages;
+     the score only and beta * exact KL in the loss of step 5); GAE (or, with advantage=rloo, each response's
+     return minus the mean return of the other responses to its prompt, and no value model); whitened advantages;
   5. `epochs` passes over shuffled minibatches (gradient accumulation inside each): clipped surrogate + clipped
      value loss (+ PPO-ptx), gradient clipping, one optimizer step per minibatch, LR schedule;
   6. update beta (fixed or adaptive KL control), log metrics and a few samples, checkpoint.
@@ -46,7 +48,7 @@ from rlhf.distributed import TrainingStageConfig
 from rlhf.errors import UserError
 from rlhf.kl_control import make_kl_controller
 from rlhf.lora import merge_and_save
-from rlhf.rollout import PtxBatches, Rollout, keep_freed_memory
+from rlhf.rollout import PtxBatches, Rollout, SharedValueHead, ValueModel, keep_freed_memory
 from rlhf.stages.ppo_iteration import (
     ScoreFn,
     _check_finite,
@@ -100,10 +102,24 @@ class PPOConfig(TrainingStageConfig):
     value_head: str = option(
         "separate", "separate value model, or a head on the policy trunk", choices=("separate", "shared")
     )
+    advantage: str = option(
+        "gae",
+        "gae: a value model and GAE (InstructGPT); rloo: `samples_per_prompt` responses per prompt, each one's "
+        "advantage its return minus the mean return of the others (REINFORCE leave-one-out baseline, Ahmadian et "
+        "al. 2024) under the same clipped updates; no value model is loaded, run or trained",
+        choices=("gae", "rloo"),
+    )
+    samples_per_prompt: int = option(
+        1,
+        "responses sampled per prompt in an iteration (batch_size counts responses); rloo needs >= 2",
+        low=1,
+    )
     prompts: str = option("", "prompt file: JSONL {prompt}, demonstration formats, or plain lines")
     max_prompt_tokens: int = option(128, "prompts longer than this (in tokens) are skipped", low=4)
     iterations: int = option(20, "PPO iterations (one rollout batch each)", low=1)
-    batch_size: int = option(16, "prompts (= responses) per iteration, split over the processes", low=1)
+    batch_size: int = option(
+        16, "responses per iteration (prompts x samples_per_prompt), split over the processes", low=1
+    )
     max_new_tokens: int = option(48, "response length limit", low=1)
     temperature: float = option(0.7, "sampling temperature, used in every log-prob pass", low=1e-3)
     epochs: int = option(1, "PPO epochs over each rollout batch", low=1)
@@ -160,6 +176,15 @@ class PPOConfig(TrainingStageConfig):
             raise UserError(
                 f"config field 'batch_size' ({self.batch_size}) must be a multiple of 'minibatches'"
             )
+        if self.batch_size % self.samples_per_prompt:
+            raise UserError(
+                f"config field 'batch_size' ({self.batch_size}) must be a multiple of 'samples_per_prompt'"
+            )
+        if self.advantage == "rloo" and self.samples_per_prompt < 2:
+            raise UserError(
+                "config field 'samples_per_prompt': advantage=rloo compares the responses to one prompt, "
+                "give it 2 or more"
+            )
         per_mb = self.batch_size // self.minibatches
         if per_mb % self.grad_accum:
             raise UserError(
@@ -203,8 +228,15 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
     world, rank = accelerator.num_processes, accelerator.process_index
     if config.batch_size % (world * config.minibatches * config.grad_accum):
         raise UserError(
-            f"config field 'batch_size': {config.batch_size} prompts do not split into {world} processes x "
+            f"config field 'batch_size': {config.batch_size} responses do not split into {world} processes x "
             f"{config.minibatches} minibatches x {config.grad_accum} micro-batches"
+        )
+    group = config.samples_per_prompt
+    prompts_per_iteration = config.batch_size // group
+    if prompts_per_iteration % world:
+        raise UserError(
+            f"config field 'batch_size': {prompts_per_iteration} prompts per iteration do not split into "
+            f"{world} processes"
         )
     out = dist.start_run_on_main(accelerator, config, STAGE)
     checkpoint = latest_checkpoint(out) if config.resume else None
@@ -228,21 +260,20 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
     if config.ptx_coef > 0:
         ptx = PtxBatches(config.ptx_corpus, tok, config.ptx_batch, config.ptx_seq_len, generator)
 
-    optimizers = [
-        _adamw([p for p in models.policy.parameters() if p.requires_grad], config.lr, config),
-        _adamw(_value_params(models), config.value_lr, config),
-    ]
+    optimizers = [_adamw([p for p in models.policy.parameters() if p.requires_grad], config.lr, config)]
+    if models.value is not None:
+        optimizers.append(_adamw(_value_params(models), config.value_lr, config))
     total_steps = config.iterations * config.epochs * config.minibatches
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _schedule(config, total_steps)) for o in optimizers]
     kl_ctl = make_kl_controller(config.kl.mode, config.kl.coef, config.kl.target, config.kl.horizon)
     start_iter = 0
     if checkpoint is not None:
         state = load_state(checkpoint)
-        for obj, key in ((optimizers[0], "policy_opt"), (optimizers[1], "value_opt"), (kl_ctl, "kl")):
+        for obj, key in (*zip(optimizers, ("policy_opt", "value_opt")), (kl_ctl, "kl")):
             obj.load_state_dict(state[key])
         for sched, key in zip(schedulers, ("policy_sched", "value_sched")):
             sched.load_state_dict(state[key])
-        if config.value_head == "shared":
+        if isinstance(models.value, SharedValueHead):
             models.value.load_state_dict(state["value_head"])
         states = state.get("generators", [state["generator"]])  # one per rank when saved by several
         if len(states) == world or rank == 0:
@@ -254,15 +285,13 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
 
     def state_dict(step: int) -> dict:
         state = {
-            "policy_opt": optimizers[0].state_dict(),
-            "value_opt": optimizers[1].state_dict(),
-            "policy_sched": schedulers[0].state_dict(),
-            "value_sched": schedulers[1].state_dict(),
+            **{key: opt.state_dict() for key, opt in zip(("policy_opt", "value_opt"), optimizers)},
+            **{key: sched.state_dict() for key, sched in zip(("policy_sched", "value_sched"), schedulers)},
             "kl": kl_ctl.state_dict(),
             "generator": generator.get_state(),
-            "data_position": step * config.batch_size,
+            "data_position": step * prompts_per_iteration,  # prompts read so far
         }
-        if config.value_head == "shared":
+        if isinstance(models.value, SharedValueHead):
             state["value_head"] = models.value.state_dict()
         if world > 1:  # a collective: every rank builds the state, the main process saves it
             state["generators"] = dist.gather_generator_states(accelerator, generator)
@@ -273,7 +302,7 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
 
     def parts() -> dict:
         out_parts = {"policy": (models.peft or models.policy, tok)}  # LoRA: the adapters only
-        if config.value_head == "separate":
+        if isinstance(models.value, ValueModel):
             out_parts["value"] = (models.value.model, tok)
         return out_parts
 
@@ -283,10 +312,13 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
     stopped = None
     try:
         for it in range(start_iter, config.iterations):
-            first = it * config.batch_size
-            batch = [kept[_prompt_index(first + j, len(kept), config.seed)] for j in range(config.batch_size)]
+            first = it * prompts_per_iteration
+            batch = [
+                kept[_prompt_index(first + j, len(kept), config.seed)] for j in range(prompts_per_iteration)
+            ]
             if world > 1:  # this rank's share of the iteration's prompts
                 batch = dist.rank_slice(batch, accelerator)
+            batch = [item for item in batch for _ in range(group)]  # each prompt's responses side by side
             batch_prompts, batch_ids = [p for p, _ in batch], [ids for _, ids in batch]
             rollout, gen, timing = collect_rollout(
                 models, batch_prompts, batch_ids, config, kl_ctl.value, generator, score_fn
@@ -353,9 +385,9 @@ def run(config: PPOConfig, score_fn: ScoreFn | None = None) -> dict:
         accelerator.wait_for_everyone()
         return {"model": str(model_dir), "value": str(value_dir), "rank": rank}
     merge_and_save(models.peft or models.policy, tok, model_dir)  # LoRA: adapters folded in, plain HF weights
-    if config.value_head == "separate":
+    if isinstance(models.value, ValueModel):
         save_hf(models.value.model, tok, value_dir)
-    else:
+    elif isinstance(models.value, SharedValueHead):
         value_dir.mkdir(parents=True, exist_ok=True)
         torch.save(models.value.state_dict(), value_dir / "value_head.pt")
     log.info("policy saved to %s", model_dir)

@@ -59,7 +59,7 @@ ScoreFn = Callable[[list[str], Any], torch.Tensor]  # (prompts, Generation) -> (
 class Models:
     policy: Any
     ref: Any
-    value: Any  # ValueModel, or SharedValueHead on the policy trunk
+    value: Any  # ValueModel, SharedValueHead on the policy trunk, or None (RLOO advantages need no values)
     reward: Any  # RewardModel, or None when a score function is given
     tokenizer: Any
     peft: Any = None  # under LoRA: the PeftModel around `policy` (adapters, the reference, saving)
@@ -103,7 +103,10 @@ def load_models(config: PPOConfig, checkpoint: Path | None, with_reward: bool) -
             raise UserError("config field 'reward_model': give the trained reward model folder")
         reward = RewardModel.load(config.reward_model)
         reward.model = fast_gelu(_frozen(reward.model))
-    if config.value_head == "shared":
+    value = None
+    if config.advantage == "rloo":
+        pass  # leave-one-out baselines from the other responses to the same prompt: no value model at all
+    elif config.value_head == "shared":
         width = policy.get_output_embeddings().weight.shape[1]
         head = reward.model.score if reward is not None else None
         value = SharedValueHead(width, head)
@@ -149,7 +152,7 @@ def _prefix_trunks(models: Models, config: PPOConfig, score_fn: ScoreFn | None) 
     trunks = {}
     if models.peft is None:
         trunks["ref"] = models.ref.base_model
-    if config.value_head == "separate":
+    if isinstance(models.value, ValueModel):
         trunks["value"] = models.value.model.base_model
     if score_fn is None and models.reward is not None:
         trunks["reward"] = models.reward.trunk_and_head()[0]
@@ -157,7 +160,7 @@ def _prefix_trunks(models: Models, config: PPOConfig, score_fn: ScoreFn | None) 
 
 
 def _value_params(models: Models) -> list[torch.nn.Parameter]:
-    return list(models.value.parameters())
+    return [] if models.value is None else list(models.value.parameters())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,15 +233,19 @@ def collect_rollout(
             )
             return logp, log_softmax
 
+    shared_head = isinstance(models.value, SharedValueHead)
+
     def value_and_reward() -> tuple[torch.Tensor, torch.Tensor | None]:
         with autocast(config.bf16, config.device):
-            if config.recompute_logprobs or config.value_head == "shared":
+            if config.recompute_logprobs or shared_head:
                 logp, _, hidden = response_logprobs(
                     models.policy, input_ids, attention_mask, start, config.temperature
                 )
                 if config.recompute_logprobs:
                     rollout.logprobs = logp * mask
-            if config.value_head == "shared":
+            if models.value is None:
+                values = torch.zeros(mask.shape)
+            elif shared_head:
                 values = models.value(hidden)
             else:
                 values = models.value(input_ids, attention_mask, start, past.get("value"))
@@ -250,7 +257,7 @@ def collect_rollout(
 
     # the reference and the value + reward models side by side, one core each (rollout.concurrently); not when both
     # would run the one LoRA policy (its reference is the policy with adapters off)
-    apart = models.peft is not None and (config.recompute_logprobs or config.value_head == "shared")
+    apart = models.peft is not None and (config.recompute_logprobs or shared_head)
     (ref_logp, rollout.ref_log_softmax), (values, raw) = concurrently(
         reference, value_and_reward, enabled=cpu and not apart
     )
@@ -275,6 +282,8 @@ def collect_rollout(
         whiten_rewards=config.whiten_rewards,
         whiten_advantages=config.whiten_advantages,
         kl_in_loss=kl_in_loss,
+        advantage=config.advantage,
+        group_size=config.samples_per_prompt,
     )
     t2 = time.perf_counter()
     return rollout, gen, {"generation": t1 - t0, "scoring": t2 - t1}
@@ -297,9 +306,10 @@ def accumulate_gradients(
     or "value" does one model's half only (a separate value model shares nothing with the policy, so the two halves
     can run at the same time; the shared value head needs "both")."""
     mask = mb.response_mask
-    policy_part, value_part = part != "value", part != "policy"
+    policy_part, value_part = part != "value", part != "policy" and models.value is not None
+    shared_head = isinstance(models.value, SharedValueHead)
     with autocast(config.bf16, config.device):
-        if policy_part or config.value_head == "shared":
+        if policy_part or shared_head:
             logp, log_softmax, hidden = response_logprobs(
                 models.policy,
                 mb.input_ids,
@@ -308,7 +318,7 @@ def accumulate_gradients(
                 config.temperature,
                 with_log_softmax=True,
             )
-        if value_part and config.value_head == "shared":
+        if value_part and shared_head:
             values = models.value(hidden)
         elif value_part:
             values = models.value(mb.input_ids, mb.attention_mask, mb.response_start)
@@ -356,7 +366,7 @@ def ppo_update(
     totals: dict[str, float] = {}
     count = 0
     side_by_side = (
-        sync_grads is None and config.value_head == "separate" and str(config.device).startswith("cpu")
+        sync_grads is None and isinstance(models.value, ValueModel) and str(config.device).startswith("cpu")
     )
     sides, pairs = ("policy", "value"), list(zip(optimizers, schedulers))
     for _ in range(config.epochs):
@@ -392,6 +402,7 @@ def ppo_update(
             norms = [
                 torch.nn.utils.clip_grad_norm_(p, limit, foreach=True)
                 for p in (models.policy.parameters(), params_v)
+                if p
             ]
             if not all(torch.isfinite(n) for n in norms):
                 raise FloatingPointError("gradient")
@@ -449,7 +460,9 @@ def iteration_metrics(rollout: Rollout, update: dict[str, float], kl_coef: float
         "policy/loss": update.get("pg_loss", float("nan")),
         "value/loss": update.get("vf_loss", float("nan")),
         "value/clipfrac": update.get("vf_clipfrac", float("nan")),
-        "value/explained_var": explained_variance(rollout.values, rollout.returns, mask).item(),
+        "value/explained_var": explained_variance(rollout.values, rollout.returns, mask).item()
+        if "vf_loss" in update
+        else float("nan"),  # RLOO: no value model
         "val/ratio": update.get("ratio", float("nan")),
         "response/length": lengths.mean().item(),
         "response/eos_rate": rollout.finished.float().mean().item(),
