@@ -25,14 +25,14 @@ from rlhf.loop import run as run_loop
 ROOT = Path(__file__).resolve().parents[1]
 CI_CONFIG = ROOT / "configs" / "loop_ci.yaml"
 CORPUS = ROOT / "data" / "corpus" / "children_stories_5books.txt"
-# Measured over 22 runs (10 seeds of this config, 6 each of two neighbours: beta 0.1, 16 PPO iterations; 2026-12-06).
-# The reward model learns "not empty" and PPO learns to never stop (EOS rate ~0.2 -> 0.0), but 20 tokens of
-# near-gibberish carry the rubric's repeated-word penalty, so PPO's gold gain over SFT is -0.05..+0.17 (stderr of the
-# difference 0.03-0.045) while its proxy gain is +0.12..+0.71; DPO's gold gain is -0.02..+0.21. So at CI size the
-# test asserts what every run showed: PPO raises its proxy, neither method is worse on gold beyond noise (an inverted
-# reward once collapsed PPO to empty answers, gold -0.73), DPO fits its pairs. The gold gain itself is the demo's
-# measurement (README), and learning is asserted per stage in test_reward, test_ppo and test_dpo.
-PROXY_MARGIN = 0.05
+# Measured on 2 idle cores (2026-12-06), final policy minus SFT on 32 x 8 held-out samples (the stderr of each
+# difference 0.03-0.04): over 6 seeds of this config in bf16, PPO's gold gain +0.06..+0.29 (proxy +0.61..+0.91, KL
+# 1.05-1.43) and DPO's +0.12..+0.30; in fp32 (4 seeds, a stand-in for another machine's rounding) PPO +0.06..+0.17
+# and DPO +0.10..+0.24. The test asserts a gold gain above GOLD_MARGIN for both, below every run's. The earlier,
+# smaller CI loop (60 pre-training steps) could not: its PPO gold gain ranged -0.05..+0.17 over 22 runs, its base
+# model knew too few words for the rubric to have a signal.
+GOLD_MARGIN = 0.02
+PROXY_MARGIN = 0.2
 
 
 def _final_eval(run: Path) -> dict:
@@ -71,8 +71,8 @@ def ci_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # about 90 s on an idle 2-core machine; generous for shared ones
-def test_ci_loop_runs_every_stage_raises_the_proxy_and_reports(ci_run):
+@pytest.mark.timeout(1200)  # about 2 minutes on an idle 2-core machine; generous for shared ones
+def test_ci_loop_runs_every_stage_raises_gold_and_proxy_and_reports(ci_run):
     run, result = ci_run
     state = json.loads((run / "state.json").read_text())
     assert list(state["stages"]) == _load_ci(run.parent).stage_names()
@@ -92,8 +92,8 @@ def test_ci_loop_runs_every_stage_raises_the_proxy_and_reports(ci_run):
         and Path(dpo2.reference) == run / "sft" / "model"
     )
     # each DPO round fitted its pairs: a positive implicit-reward margin on its last training batches (0 at a
-    # round's start for round 1, whose policy is the reference). Held-out margins are not asserted: over 10 seeds
-    # round 2's ranged -0.16..+0.49, and round 1's split can be one prompt (its sign flipped between machines).
+    # round's start for round 1, whose policy is the reference). Held-out margins are not asserted: the held-out
+    # split is a few prompts (in the smaller CI loop of before, round 1's sign flipped between machines).
     for r in (1, 2):
         logged = [json.loads(line) for line in (run / f"round-{r}" / "dpo" / "metrics.jsonl").open()]
         last = [m for m in logged if "train/loss" in m][-1]
@@ -111,11 +111,10 @@ def test_ci_loop_runs_every_stage_raises_the_proxy_and_reports(ci_run):
         sft["proxy/score"],
         final["proxy/score"],
     )
-    noise = math.hypot(sft["gold/stderr"], final["gold/stderr"])
-    assert final["gold/score"] > sft["gold/score"] - 2 * noise, (
+    assert final["gold/score"] > sft["gold/score"] + GOLD_MARGIN, (
         sft["gold/score"],
         final["gold/score"],
-        noise,
+        math.hypot(sft["gold/stderr"], final["gold/stderr"]),
     )
     # KL: finite, positive (the policy moved) and below the bound: KL is at most the largest per-sequence log-ratio,
     # and a policy this close to SFT stays well under the max_new_tokens * log(vocab) ceiling.
@@ -127,8 +126,7 @@ def test_ci_loop_runs_every_stage_raises_the_proxy_and_reports(ci_run):
     dpo = ev["policies"]["round-2/dpo"]
     assert dpo["role"] == "policy" and dpo["method"] == "dpo" and final["method"] == "ppo"
     print("CI loop DPO gold", dpo["gold/score"], "KL", dpo["kl/mean"], "win", dpo["win_rate/gold"])
-    noise = math.hypot(sft["gold/stderr"], dpo["gold/stderr"])
-    assert dpo["gold/score"] > sft["gold/score"] - 2 * noise, (sft["gold/score"], dpo["gold/score"], noise)
+    assert dpo["gold/score"] > sft["gold/score"] + GOLD_MARGIN, (sft["gold/score"], dpo["gold/score"])
     keys = (
         "gold/score",
         "proxy/score",
@@ -190,7 +188,7 @@ def test_resume_after_a_kill_ends_at_the_same_metrics(ci_run, tmp_path):
     stopped = run_loop(_load_ci(tmp_path, "resume=true", "stop_after=round-2/ppo"))
     assert stopped["stopped_after"] == "round-2/ppo"
     assert not (copy / "round-2" / "eval").exists()
-    # the interrupted stage continued from its older checkpoint (step 5 of 10) instead of starting over
+    # the interrupted stage continued from its older checkpoint (step 24 of 48) instead of starting over
     assert f"resumed from {checkpoints[-2]}" in (ppo / "log.txt").read_text()
     result = run_loop(_load_ci(tmp_path, "resume=true"))
     assert (copy / "report.html").exists() and result["summary"]
