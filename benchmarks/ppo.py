@@ -11,7 +11,9 @@ once). The runs are interleaved in rounds (TRL fp32, TRL bf16, ours fp32, ours b
 so that a machine whose load drifts affects all alike. Each dtype is compared with the same dtype: TRL's bf16 run is
 its Accelerate mixed precision (CPU autocast).
 
-    .venv/bin/python benchmarks/ppo.py [--quick] [--threads 2] [--cpu-time] [--rounds N]
+    .venv/bin/python benchmarks/ppo.py [--quick] [--threads 2] [--cpu-time] [--rounds N] [--learn-run runs/demo]
+
+`--learn-run RUN` adds reward against KL at equal iterations on a finished loop run's trained models (`learning`).
 """
 
 from __future__ import annotations
@@ -59,7 +61,15 @@ def make_prompts(tok, n: int) -> tuple[list[str], list[list[int]]]:
     return texts, ids
 
 
-def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool, tag: str = "") -> dict:
+def run_ours(
+    folder: Path,
+    prompts: list[str],
+    iterations: int,
+    bf16: bool,
+    tag: str = "",
+    lr: float = 1e-5,
+    seed: int = 0,
+) -> dict:
     import json
     import types
 
@@ -91,14 +101,15 @@ def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool, tag:
             f"prompts={prompt_file}",
             f"runs_dir={folder / 'runs'}",
             f"name={name}",
+            f"seed={seed}",
             f"iterations={iterations}",
             f"batch_size={BATCH}",
             f"max_new_tokens={NEW_TOKENS}",
             f"temperature={TEMPERATURE}",
             "epochs=1",
             "minibatches=4",
-            "lr=1e-5",
-            "value_lr=1e-5",
+            f"lr={lr}",
+            f"value_lr={lr}",
             "kl.mode=fixed",
             "kl.coef=0.05",
             "missing_eos=none",
@@ -123,11 +134,18 @@ def run_ours(folder: Path, prompts: list[str], iterations: int, bf16: bool, tag:
         k: statistics.median(r[f"time/{k}"] for r in rows[1:]) for k in ("generation", "scoring", "training")
     }
     splits = {k: [r[f"time/{k}"] for r in rows[1:]] for k in ("generation", "scoring", "training")}
-    return {"gaps": gaps, "tokens": tokens, "split": split, "splits": splits, "last": rows[-1]}
+    return {"gaps": gaps, "tokens": tokens, "split": split, "splits": splits, "last": rows[-1], "rows": rows}
 
 
 def run_trl(
-    folder: Path, prompt_ids: list[list[int]], tok, iterations: int, tag: str = "", bf16: bool = False
+    folder: Path,
+    prompt_ids: list[list[int]],
+    tok,
+    iterations: int,
+    tag: str = "",
+    bf16: bool = False,
+    lr: float = 1e-5,
+    seed: int = 0,
 ) -> dict:
     import logging
 
@@ -157,7 +175,7 @@ def run_trl(
         local_rollout_forward_batch_size=BATCH,
         response_length=NEW_TOKENS,
         temperature=TEMPERATURE,
-        learning_rate=1e-5,
+        learning_rate=lr,
         kl_coef=0.05,
         stop_token="eos",
         missing_eos_penalty=None,
@@ -166,7 +184,7 @@ def run_trl(
         logging_steps=1,
         save_strategy="no",
         disable_tqdm=True,
-        seed=0,
+        seed=seed,
         use_cpu=True,
         bf16=bf16,  # Accelerate's mixed precision: CPU autocast to bfloat16
     )
@@ -201,7 +219,81 @@ def run_trl(
     finally:
         trl_ppo.batch_generation = original
     gaps = [b - a for a, b in zip(stamps, stamps[1:])]
-    return {"gaps": gaps, "tokens": BATCH * NEW_TOKENS, "generations": gen_time[1:], "last": rows[-1]}
+    rows = [r for r in rows if "objective/scores" in r]  # the end-of-training summary row has none
+    return {
+        "gaps": gaps,
+        "tokens": BATCH * NEW_TOKENS,
+        "generations": gen_time[1:],
+        "last": rows[-1],
+        "rows": rows,
+    }
+
+
+LEARN_LR = (
+    1e-4  # the learning comparison: 10x the speed runs' lr, so that 40 iterations move a trained policy
+)
+
+
+def learning_models(run: Path, folder: Path) -> tuple[Path, list[str]]:
+    """A trained loop run's SFT policy and newest reward model, copied into `folder` as policy/ and reward/ (the
+    reward model without its normalisation file, so both sides score with the same raw head), and its prompts.
+    Random-init models cannot show learning: their score of random text barely moves in 40 iterations while the KL
+    drifts (measured: gains of -1.7..+2.6 by seed on both sides at KL 8-9, noise)."""
+    import json
+    import shutil
+
+    rewards = sorted(run.glob("round-*/reward/model"))
+    if not (run / "sft" / "model").is_dir() or not rewards:
+        raise SystemExit(
+            f"--learn-run {run}: needs sft/model and round-*/reward/model (a finished rlhf loop run)"
+        )
+    shutil.copytree(run / "sft" / "model", folder / "policy")
+    shutil.copytree(rewards[-1], folder / "reward", ignore=shutil.ignore_patterns("rlhf_reward.json"))
+    lines = (run / "data" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
+    return folder, [json.loads(line)["prompt"] for line in lines]
+
+
+def learning(run: Path, iterations: int, seeds: int) -> None:
+    """Reward against KL at equal iterations, fp32: both sides train the same trained SFT policy against the same
+    trained reward model (learning_models) on the same 16 prompts, with the speed runs' settings but lr LEARN_LR,
+    `seeds` seeds each. Gain = mean score of the last 3 iterations - that of the first 3; KL = mean KL of the last
+    3. Gao et al. (2022) found the score to grow about linearly in sqrt(KL), so gain / sqrt(KL) compares runs that
+    ended at different KLs."""
+    from transformers import AutoTokenizer
+
+    from rlhf.data.template import encode_prompt
+
+    def summary(rows: list[dict], key: str) -> list[float]:
+        score = [float(r[key]) for r in rows]
+        gain = statistics.mean(score[-3:]) - statistics.mean(score[:3])
+        kl = statistics.mean(float(r["objective/kl"]) for r in rows[-3:])
+        return [gain, kl, gain / max(kl, 1e-9) ** 0.5]
+
+    per_seed: dict[str, list[list[float]]] = {"ours fp32": [], "TRL 1.12 fp32": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, prompts = learning_models(run, Path(tmp))
+        tok = AutoTokenizer.from_pretrained(folder / "policy")
+        fitting = [(p, ids) for p in prompts if len(ids := encode_prompt(tok, p)) <= PROMPT_TOKENS][:BATCH]
+        prompts, prompt_ids = [p for p, _ in fitting], [ids for _, ids in fitting]
+        for seed in range(seeds):
+            tag = f"-learn-{seed}"
+            ours = run_ours(folder, prompts, iterations, False, tag=tag, lr=LEARN_LR, seed=seed)["rows"]
+            peer = run_trl(folder, prompt_ids, tok, iterations, tag, lr=LEARN_LR, seed=seed)["rows"]
+            per_seed["ours fp32"].append(summary(ours, "objective/score"))
+            per_seed["TRL 1.12 fp32"].append(summary(peer, "objective/scores"))
+    print(
+        f"learning on {run}: {iterations} iterations, lr {LEARN_LR}, same models and prompts, {seeds} seeds"
+    )
+    header = ["run", "gain by seed", "KL by seed", "mean gain", "mean KL", "mean gain / sqrt(KL)"]
+    rows, means = [], {}
+    for name, runs in per_seed.items():
+        gain, kl = statistics.mean(r[0] for r in runs), statistics.mean(r[1] for r in runs)
+        means[name] = statistics.mean(r[2] for r in runs)
+        gains = " ".join(f"{r[0]:+.2f}" for r in runs)
+        kls = " ".join(f"{r[1]:.2f}" for r in runs)
+        rows.append([name, gains, kls, gain, kl, means[name]])
+    print(table(rows, header))
+    result("ppo_score_gain_per_sqrt_kl", means["ours fp32"], means["TRL 1.12 fp32"], "score/sqrt(nat)")
 
 
 def pooled(runs: list[dict]) -> dict:
@@ -229,6 +321,15 @@ def main() -> None:
             p.add_argument(
                 "--rounds", type=int, default=0, help="interleaved rounds (default 2 quick, 3 full)"
             ),
+            p.add_argument(
+                "--learn-run",
+                type=Path,
+                default=None,
+                help="a finished `rlhf loop` run (e.g. runs/demo): also compare reward against KL at equal "
+                "iterations, both sides training its SFT model against its reward model",
+            ),
+            p.add_argument("--learn-iterations", type=int, default=40, help="iterations of that comparison"),
+            p.add_argument("--learn-seeds", type=int, default=3, help="seeds of that comparison"),
         ),
     )
     if args.cpu_time:
@@ -309,6 +410,8 @@ def main() -> None:
         "tok/s",
     )
     result("ppo_rollout_tok_s", fp32["tokens"] / fp32["s_it"], trl["tokens"] / trl["s_it"], "tok/s")
+    if args.learn_run is not None:
+        learning(args.learn_run, max(args.learn_iterations, 6), args.learn_seeds)
 
 
 if __name__ == "__main__":
