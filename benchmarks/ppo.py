@@ -229,16 +229,15 @@ def run_trl(
     }
 
 
-LEARN_LR = (
-    1e-4  # the learning comparison: 10x the speed runs' lr, so that 40 iterations move a trained policy
-)
+# the learning comparison's lr: 10x the speed runs', so that 40 iterations move a trained policy
+LEARN_LR = 1e-4
 
 
-def learning_models(run: Path, folder: Path) -> tuple[Path, list[str]]:
-    """A trained loop run's SFT policy and newest reward model, copied into `folder` as policy/ and reward/ (the
-    reward model without its normalisation file, so both sides score with the same raw head), and its prompts.
-    Random-init models cannot show learning: their score of random text barely moves in 40 iterations while the KL
-    drifts (measured: gains of -1.7..+2.6 by seed on both sides at KL 8-9, noise)."""
+def learning_models(run: Path, folder: Path) -> list[str]:
+    """Copy a trained loop run's SFT policy and newest reward model into `folder` as policy/ and reward/ (the reward
+    model without its normalisation file, so both sides score with the same raw head); returns the run's prompts.
+    Random-init models cannot show learning: a random reward model's score of random text is noise to climb (its
+    head scaled to a spread of about 1, the gains ranged -1.7..+2.6 by seed on both sides at KL 8-9)."""
     import json
     import shutil
 
@@ -250,7 +249,7 @@ def learning_models(run: Path, folder: Path) -> tuple[Path, list[str]]:
     shutil.copytree(run / "sft" / "model", folder / "policy")
     shutil.copytree(rewards[-1], folder / "reward", ignore=shutil.ignore_patterns("rlhf_reward.json"))
     lines = (run / "data" / "prompts.jsonl").read_text(encoding="utf-8").splitlines()
-    return folder, [json.loads(line)["prompt"] for line in lines]
+    return [json.loads(line)["prompt"] for line in lines]
 
 
 def learning(run: Path, iterations: int, seeds: int) -> None:
@@ -271,9 +270,14 @@ def learning(run: Path, iterations: int, seeds: int) -> None:
 
     per_seed: dict[str, list[list[float]]] = {"ours fp32": [], "TRL 1.12 fp32": []}
     with tempfile.TemporaryDirectory() as tmp:
-        folder, prompts = learning_models(run, Path(tmp))
+        folder = Path(tmp)
+        prompts = learning_models(run, folder)
         tok = AutoTokenizer.from_pretrained(folder / "policy")
         fitting = [(p, ids) for p in prompts if len(ids := encode_prompt(tok, p)) <= PROMPT_TOKENS][:BATCH]
+        if len(fitting) < BATCH:
+            raise SystemExit(
+                f"--learn-run {run}: fewer than {BATCH} prompts of at most {PROMPT_TOKENS} tokens"
+            )
         prompts, prompt_ids = [p for p, _ in fitting], [ids for _, ids in fitting]
         for seed in range(seeds):
             tag = f"-learn-{seed}"

@@ -116,6 +116,7 @@ def test_ci_loop_runs_every_stage_raises_gold_and_proxy_and_reports(ci_run):
         final["gold/score"],
         math.hypot(sft["gold/stderr"], final["gold/stderr"]),
     )
+    assert final["win_rate/gold"] > 0.5  # 0.52..0.64 over the 10 runs above
     # KL: finite, positive (the policy moved) and below the bound: KL is at most the largest per-sequence log-ratio,
     # and a policy this close to SFT stays well under the max_new_tokens * log(vocab) ceiling.
     vocab = json.loads((run / "sft" / "model" / "config.json").read_text())["vocab_size"]

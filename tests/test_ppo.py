@@ -88,6 +88,15 @@ def test_reward_layout_score_on_last_token_kl_everywhere_nothing_on_padding():
     finish_rollout(rollout, 0.1, gamma=1.0, lam=1.0, whiten_advantages=False)
     torch.testing.assert_close(rollout.returns[0], torch.tensor([2.05, 2.1, 2.0, 0.0]))
     assert rollout.advantages[1, 2:].abs().sum() == 0
+    # advantage=rloo, the two rows one prompt's group: returns 2.05 and -1.05, each row's advantage its return minus
+    # the other's on every real token (GAE with V = 0 would give the return-to-go 2.05, 2.1, 2.0 instead)
+    finish_rollout(rollout, 0.1, whiten_advantages=False, advantage="rloo", group_size=2)
+    torch.testing.assert_close(
+        rollout.advantages, torch.tensor([[3.1, 3.1, 3.1, 0.0], [-3.1, -3.1, 0.0, 0.0]])
+    )
+    torch.testing.assert_close(
+        rollout.returns, torch.tensor([[2.05, 2.05, 2.05, 0.0], [-1.05, -1.05, 0.0, 0.0]])
+    )
 
 
 def test_missing_eos_rule_scaling_and_clipping():

@@ -103,9 +103,10 @@ def load_models(config: PPOConfig, checkpoint: Path | None, with_reward: bool) -
             raise UserError("config field 'reward_model': give the trained reward model folder")
         reward = RewardModel.load(config.reward_model)
         reward.model = fast_gelu(_frozen(reward.model))
-    value = None
     if config.advantage == "rloo":
-        pass  # leave-one-out baselines from the other responses to the same prompt: no value model at all
+        value = (
+            None  # leave-one-out baselines from the other responses to the same prompt: no value model at all
+        )
     elif config.value_head == "shared":
         width = policy.get_output_embeddings().weight.shape[1]
         head = reward.model.score if reward is not None else None
@@ -399,11 +400,8 @@ def ppo_update(
                 sync_grads()
             # one fused norm per model both clips and checks finiteness (no per-parameter isfinite scans)
             limit = config.max_grad_norm or math.inf
-            norms = [
-                torch.nn.utils.clip_grad_norm_(p, limit, foreach=True)
-                for p in (models.policy.parameters(), params_v)
-                if p
-            ]
+            groups = [models.policy.parameters(), *([params_v] if params_v else [])]  # RLOO: no value model
+            norms = [torch.nn.utils.clip_grad_norm_(p, limit, foreach=True) for p in groups]
             if not all(torch.isfinite(n) for n in norms):
                 raise FloatingPointError("gradient")
             for opt, sched in zip(optimizers, schedulers):
