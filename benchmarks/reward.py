@@ -43,7 +43,7 @@ from rlhf.labellers import NEGATIVE, POSITIVE, GoldLabeller, gold_score
 from rlhf.losses import ranking_loss
 from rlhf.modeling import autocast
 from rlhf.reward_model import RewardModel
-from rlhf.stages.reward import Ranking, batch_scores, set_attention
+from rlhf.stages.reward_data import Ranking, batch_scores, set_attention
 
 LR = 1e-4
 LEXICON = sorted(POSITIVE | NEGATIVE)

@@ -146,14 +146,15 @@ def test_best_of_n_picks_by_proxy_in_disjoint_groups():
 
 def test_policy_labels_and_human_win_rate(tmp_path):
     from rlhf.data.records import Comparison, write_jsonl
-    from rlhf.evaluate import export_pairs, human_win_rate, policy_label, policy_method
+    from rlhf.evaluate import export_pairs, human_win_rate
+    from rlhf.policies import policy_label, policy_method
 
     assert policy_label("runs/demo/round-2/ppo/model") == "round-2/ppo"
     assert policy_label("runs/demo/round-1/ppo/snapshots/iter-000020") == "round-1/ppo@20"
     assert policy_label("runs/demo/sft/model") == "sft"
     assert policy_label("runs/demo/round-2/dpo/model") == "round-2/dpo"
     # two runs' PPO models would both be "ppo": each gets the folder above it, and a clash with the reference too
-    from rlhf.evaluate import unique_labels
+    from rlhf.policies import unique_labels
 
     paths = [
         Path("runs/a/ppo/model"),

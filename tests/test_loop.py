@@ -19,8 +19,9 @@ import pytest
 from rlhf.config import load_config
 from rlhf.data.story_demos import INSTRUCTION, build_story_data, story_examples
 from rlhf.errors import UserError
-from rlhf.loop import LoopConfig, stage_config
+from rlhf.loop import LoopConfig
 from rlhf.loop import run as run_loop
+from rlhf.loop_state import stage_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CI_CONFIG = ROOT / "configs" / "loop_ci.yaml"
@@ -308,7 +309,7 @@ def test_human_labelling_waits_for_the_app_and_exports(tmp_path):
     from rlhf.data.records import Response, SampleRecord, read_comparisons
     from rlhf.feedback import schemas, service
     from rlhf.feedback.store import Batch, open_database
-    from rlhf.loop import label_with_app
+    from rlhf.human_labels import label_with_app
 
     db_path = tmp_path / "feedback.db"
     config = _load_ci(tmp_path, "labeller=human", f"feedback_db={db_path}", "poll_seconds=0.1")
@@ -318,7 +319,15 @@ def test_human_labelling_waits_for_the_app_and_exports(tmp_path):
     engine, session = open_database(str(db_path))  # the app's database exists (people are labelling in it)
     result: dict = {}
     worker = threading.Thread(
-        target=lambda: result.update(label_with_app(config, samples, "ci-round-1", tmp_path / "label"))
+        target=lambda: result.update(
+            label_with_app(
+                config.feedback_db,
+                samples,
+                "ci-round-1",
+                tmp_path / "label",
+                poll_seconds=config.poll_seconds,
+            )
+        )
     )
     worker.start()
     for _ in range(600):  # the loop imports the batch

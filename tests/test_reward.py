@@ -75,7 +75,7 @@ def test_score_read_at_last_real_token_whatever_the_padding(fresh_rm):
 def test_shared_prompt_pass_equals_flat_sequences(fresh_rm):
     """Each ranking's prompt forwarded once (KV cache) gives the flat per-sequence scores and gradients."""
     from rlhf.data.template import encode_prompt, encode_response
-    from rlhf.stages.reward import Ranking, batch_scores, set_attention
+    from rlhf.stages.reward_data import Ranking, batch_scores, set_attention
 
     tok = fresh_rm.tokenizer
     texts = _texts(7, seed=3)
@@ -101,7 +101,7 @@ def test_shared_prompt_pass_equals_flat_sequences(fresh_rm):
 
 def test_shared_prompt_pass_with_long_prompt_and_long_response_in_one_batch(fresh_rm):
     """Longest prompt + longest response of different rankings exceed the context: pad columns stay in range."""
-    from rlhf.stages.reward import Ranking, batch_scores
+    from rlhf.stages.reward_data import Ranking, batch_scores
 
     context = fresh_rm.context  # 128
     gen = torch.Generator().manual_seed(1)
@@ -261,7 +261,8 @@ def test_lora_rm_trains_adapters_and_head_only_merges_to_a_plain_rm_and_resumes(
     from transformers import AutoModelForSequenceClassification
 
     from rlhf.losses import ranking_loss
-    from rlhf.stages.reward import _start_model, _tokenize, batch_scores
+    from rlhf.stages.reward import _start_model
+    from rlhf.stages.reward_data import batch_scores, tokenize_rankings
 
     data = tmp_path / "c.jsonl"
     _planted_comparisons(data, 32)
@@ -274,7 +275,7 @@ def test_lora_rm_trains_adapters_and_head_only_merges_to_a_plain_rm_and_resumes(
     assert all("lora_" in n or "score" in n for n in trainable) and any("score" in n for n in trainable)
     frozen = {n: p.detach().clone() for n, p in rm.model.named_parameters() if not p.requires_grad}
     head = rm.trunk_and_head()[1].weight.detach().clone()
-    rankings = _tokenize(rm, json_comparisons(data), "c", rm.context)[:8]
+    rankings = tokenize_rankings(rm, json_comparisons(data), "c", rm.context)[:8]
     opt = torch.optim.AdamW([p for p in rm.model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(3):
         loss, _ = ranking_loss(*batch_scores(rm, rankings, bf16=False))

@@ -77,6 +77,20 @@ def gold_score(prompt: str, response: str) -> float:
     return 10.0 * (positive - negative - repeats) / max(len(words), 10)
 
 
+def gold_agreement(comparisons: list) -> float:
+    """How often the labeller's top choice has the top gold score (the simulated human's noise level)."""
+    hits, total = 0, 0
+    for c in comparisons:
+        gold = c.meta.get("gold_scores") if isinstance(c.meta, dict) else None
+        if not gold:
+            continue
+        best = max(gold)
+        top = [i for i, rank in enumerate(c.ranks) if rank == 1]
+        hits += any(gold[i] == best for i in top)
+        total += 1
+    return hits / total if total else float("nan")
+
+
 class Labeller:
     """Ranks K responses to a prompt: `rank(prompt, responses) -> dense ranks`, 1 = best, ties share a rank."""
 

@@ -21,18 +21,16 @@ Per-stage settings live in the config's `pretrain:`, `sft:`, `sample:`, `reward:
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import importlib
 import json
 import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from rlhf.config import ModelConfig, StageConfig, from_dict, option, to_dict
 from rlhf.errors import UserError
+from rlhf.loop_state import State, has_field, stage_config
 from rlhf.stagecli import parse_stage_args
 from rlhf.tracking import setup_logging
 
@@ -132,107 +130,6 @@ class LoopConfig(StageConfig):
         if self.compare_dpo:
             wanted.add("dpo")
         return [s for s in ROUND_STAGES if s in wanted]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# State: which stages are done
-
-
-class State:
-    """`runs/<name>/state.json`: completed stages with their summaries and wall times (rewritten atomically)."""
-
-    def __init__(self, run: Path, fresh: bool):
-        self.path = run / "state.json"
-        self.data: dict[str, Any] = {"stages": {}}
-        if not fresh and self.path.exists():
-            self.data = json.loads(self.path.read_text(encoding="utf-8"))
-
-    def done(self, stage: str) -> bool:
-        return stage in self.data["stages"]
-
-    def summary(self, stage: str) -> dict:
-        return self.data["stages"][stage]["summary"]
-
-    def complete(self, stage: str, summary: dict, seconds: float, cpu_seconds: float) -> None:
-        self.data["stages"][stage] = {
-            "seconds": round(seconds, 2),
-            "cpu_seconds": round(
-                cpu_seconds, 2
-            ),  # all threads: wall time on an idle machine is about cpu / threads
-            "summary": _jsonable(summary),
-        }
-        self.save()
-
-    def save(self) -> None:
-        tmp = self.path.with_name(".state.json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(self.path)
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Building a stage's config: user section + the loop's wiring
-
-
-def _set(tree: dict, dotted: str, value: Any) -> None:
-    node = tree
-    parts = dotted.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-
-
-def _deep_merge(base: dict, top: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
-def _has_field(cls: type, dotted: str) -> bool:
-    from typing import get_type_hints
-
-    tp: Any = cls
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(tp) or part not in get_type_hints(tp):
-            return False
-        tp = get_type_hints(tp)[part]
-    return True
-
-
-def stage_config(cls: type, loop: LoopConfig, section: dict, wiring: dict, where: str, resume: bool) -> Any:
-    """`cls` from the loop's wiring (keys the stage lacks are dropped), the user's section on top of it.
-
-    The section may override wiring (e.g. `pretrain: {data: [other.txt]}`); run folder, seed and resume are the
-    loop's own.
-    """
-    common = {
-        "seed": loop.seed,
-        "device": loop.device,
-        "threads": loop.threads,
-        "resume": resume,
-        "runs_dir": str(Path(loop.runs_dir) / loop.name) if "/" in where else loop.runs_dir,
-        "name": where.split("/")[0] if "/" in where else loop.name,
-    }
-    tree: dict = {}
-    for key, value in wiring.items():
-        if _has_field(cls, key):
-            _set(tree, key, value)
-    tree = _deep_merge(tree, section)
-    for key, value in common.items():
-        _set(tree, key, value)
-    try:
-        config = from_dict(cls, tree)
-    except UserError as exc:
-        raise UserError(f"loop config section for {where}: {exc}") from None
-    config.validate()
-    return config
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -390,8 +287,17 @@ class Loop:
         out_dir.mkdir(parents=True, exist_ok=True)
         samples = read_samples(self._samples_file(r))
         if self.c.labeller == "human":
-            return label_with_app(self.c, samples, f"{self.c.name}-round-{r}", out_dir)
-        from rlhf.labellers import get_labeller, label_samples
+            from rlhf.human_labels import label_with_app
+
+            return label_with_app(
+                self.c.feedback_db,
+                samples,
+                f"{self.c.name}-round-{r}",
+                out_dir,
+                overlap=self.c.feedback_overlap,
+                poll_seconds=self.c.poll_seconds,
+            )
+        from rlhf.labellers import get_labeller, gold_agreement, label_samples
 
         if self.c.labeller == "import":
             files = self.c.import_comparisons
@@ -403,7 +309,7 @@ class Loop:
         comparisons = label_samples(samples, labeller)
         path = out_dir / "comparisons.jsonl"
         write_jsonl(path, comparisons)
-        agree = _gold_agreement(comparisons)
+        agree = gold_agreement(comparisons)
         log.info(
             "round %d: %d comparisons by %s (top choice = gold best in %.0f%%)",
             r,
@@ -435,7 +341,7 @@ class Loop:
             "prompts": str(self.path("data", "prompts.jsonl")),
             "gold": "" if self.c.gold == "none" else self.c.gold,
         }
-        if r > 1 and not _has_field(ppo.PPOConfig, "reference"):
+        if r > 1 and not has_field(ppo.PPOConfig, "reference"):
             log.warning("ppo has no 'reference' field: round %d starts PPO from SFT (its reference) again", r)
             wiring["model.path"] = self.sft_model
         return self.call("rlhf.stages.ppo", "PPOConfig", self.c.ppo, wiring, f"round-{r}/ppo", resume)
@@ -478,82 +384,6 @@ def _context_of(model_dir: str) -> int | None:
         return None
     config = json.loads(path.read_text(encoding="utf-8"))
     return config.get("n_positions") or config.get("max_position_embeddings")
-
-
-def label_with_app(c: LoopConfig, samples: list, batch_name: str, out_dir: Path) -> dict:
-    """Import the samples as a batch of the feedback app, wait (showing progress) until labelled, export."""
-    from rlhf.feedback import service
-    from rlhf.feedback.export import collect, write_export
-    from rlhf.feedback.progress import batch_status
-    from rlhf.feedback.store import open_database
-    from rlhf.tracking import progress
-
-    engine, session = open_database(c.feedback_db)
-    try:
-        with session() as db:
-            try:
-                batch = service.get_batch(db, batch_name)
-                log.info("feedback batch '%s' already imported: waiting for its labels", batch_name)
-            except service.NotFound:
-                batch = service.import_batch(
-                    db, batch_name, samples, forms=["ranking"], overlap=c.feedback_overlap, source="rlhf loop"
-                )
-            status = batch_status(db, batch)
-        log.info(
-            "feedback batch '%s': %d items to rank (%d labels). Label them in the app: "
-            "`rlhf label serve --db %s` (annotator tokens: `rlhf label annotator --db %s NAME`)",
-            batch_name,
-            status.batch.items,
-            status.target,
-            c.feedback_db,
-            c.feedback_db,
-        )
-        bar = progress(status.target, f"labels {batch_name}", unit="label")
-        seen = -1
-        while True:
-            with session() as db:
-                status = batch_status(db, service.get_batch(db, batch_name))
-            handled = status.submitted + status.skipped
-            bar.update(max(0, min(handled, status.target) - bar.n))
-            if handled != seen:
-                log.info(
-                    "labelling %s: %d/%d submitted, %d skipped",
-                    batch_name,
-                    status.submitted,
-                    status.target,
-                    status.skipped,
-                )
-                seen = handled
-            if handled >= status.target:
-                break
-            time.sleep(c.poll_seconds)
-        bar.close()
-        with session() as db:
-            counts = write_export(collect(db, service.get_batch(db, batch_name)), out_dir)
-    finally:
-        engine.dispose()
-    if not counts.get("comparisons.jsonl"):
-        raise UserError(f"feedback batch '{batch_name}' holds no submitted ranking to train on")
-    return {
-        "comparisons": str(out_dir / "comparisons.jsonl"),
-        "count": counts["comparisons.jsonl"],
-        "labeller": "human",
-        "exported": counts,
-    }
-
-
-def _gold_agreement(comparisons: list) -> float:
-    """How often the labeller's top choice has the top gold score (the simulated human's noise level)."""
-    hits, total = 0, 0
-    for c in comparisons:
-        gold = c.meta.get("gold_scores") if isinstance(c.meta, dict) else None
-        if not gold:
-            continue
-        best = max(gold)
-        top = [i for i, rank in enumerate(c.ranks) if rank == 1]
-        hits += any(gold[i] == best for i in top)
-        total += 1
-    return hits / total if total else float("nan")
 
 
 def run(config: LoopConfig) -> dict:

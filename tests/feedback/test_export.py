@@ -65,7 +65,8 @@ def test_export_round_trip(env, db_path, tmp_path, capsys):
     assert set(first) == {"prompt", "chosen", "rejected"}
 
     # ... and the reward stage's own split of the exported file (the feedback app itself never imports a stage)
-    from rlhf.stages.reward import RewardConfig, split
+    from rlhf.stages.reward import RewardConfig
+    from rlhf.stages.reward_data import split
 
     train, val = split(RewardConfig(comparisons=[str(out / "comparisons.jsonl")], val_fraction=0.0))
     assert len(train) == 4 and val == []
