@@ -225,6 +225,19 @@ def test_story_data_is_deterministic_and_disjoint():
         build_story_data(CORPUS, 10**6, 1, 1)
 
 
+def test_shipped_story_files_are_the_demo_split(tmp_path, monkeypatch):
+    """data/story/ (read by the stage-by-stage configs) is what `python -m rlhf.data.story_demos` writes, and the
+    same split configs/demo.yaml's loop makes: the stage-by-stage chain and `make demo` see the same task."""
+    from rlhf.data.story_demos import main
+
+    monkeypatch.chdir(ROOT)
+    main([str(tmp_path)])
+    demo = load_config(LoopConfig, "configs/demo.yaml", [])
+    assert (demo.story_demos, demo.prompts, demo.eval_prompts, demo.seed) == (600, 768, 32, 0)
+    for name in ("demos.jsonl", "prompts.jsonl", "eval_prompts.jsonl"):
+        assert (tmp_path / name).read_bytes() == (ROOT / "data" / "story" / name).read_bytes(), name
+
+
 def test_story_examples_cut_opening_and_continuation():
     text = (
         "THE TITLE\n\n"

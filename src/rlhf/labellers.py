@@ -254,7 +254,11 @@ def main(argv: list[str]) -> int:
         "--labeller", default="sentiment", help="sentiment | gold | import (default sentiment)"
     )
     parser.add_argument(
-        "--temperature", type=float, default=1.0, help="Plackett-Luce noise; 0 = deterministic"
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="Plackett-Luce noise on the scores (a simulated, inconsistent annotator); 0 = exact ranking, ties "
+        "kept (default). The sentiment rubric's steps are ~0.5: 0.1 flips close calls, 1 is mostly noise",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the labeller's noise")
     parser.add_argument("--gold-model", default="", help="frozen gold reward model folder (labeller gold)")

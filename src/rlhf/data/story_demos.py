@@ -124,3 +124,21 @@ def write_story_data(data: StoryData, out_dir: str | Path) -> dict[str, Path]:
         ),
     )
     return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m rlhf.data.story_demos OUT_DIR [DEMOS PROMPTS EVAL SEED]`, run from the repository root: write the
+    story task for the stage-by-stage commands. The shipped `data/story/` is this with the demo's sizes (600 demos,
+    768 prompts, 32 eval prompts, seed 0), the same split `rlhf loop --config configs/demo.yaml` makes."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if not 1 <= len(args) <= 5:
+        raise SystemExit(main.__doc__)
+    sizes = [int(a) for a in args[1:]] + [600, 768, 32, 0][len(args) - 1 :]
+    paths = write_story_data(build_story_data("data/corpus/children_stories_5books.txt", *sizes), args[0])
+    print("\n".join(str(p) for p in paths.values()))  # noqa: T201
+
+
+if __name__ == "__main__":
+    main()
