@@ -57,3 +57,10 @@ def tiny_checkpoint(tiny_tokenizer, tmp_path_factory) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     tiny_tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture()
+def bf16_on_any_cpu(monkeypatch):
+    """Tests of the bf16 path itself keep bf16 where the CPU would make a stage fall back to fp32 (slowly, but
+    they are small): without this they would silently compare fp32 with fp32 there."""
+    monkeypatch.setenv("RLHF_CPU_BF16", "1")

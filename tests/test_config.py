@@ -67,3 +67,43 @@ def test_cli_forms(capsys):
         assert name in out
     help_text = format_help(DemoConfig, "p", "d")
     assert "[fast | slow]" in help_text
+
+
+def test_cpu_bf16_detection_reads_the_cpu_flags(tmp_path, monkeypatch):
+    from rlhf.config import cpu_bf16_is_fast
+
+    monkeypatch.delenv("RLHF_CPU_BF16", raising=False)
+    info = tmp_path / "cpuinfo"
+    info.write_text(
+        "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu avx2\n"
+    )
+    assert cpu_bf16_is_fast(str(info)) is False  # AVX2 only: bf16 would be emulated
+    info.write_text("processor\t: 0\nflags\t\t: avx2 avx512f avx512_bf16 amx_tile\n")
+    assert cpu_bf16_is_fast(str(info)) is True
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd bf16 i8mm\n")  # Arm
+    assert cpu_bf16_is_fast(str(info)) is True
+    assert cpu_bf16_is_fast(str(tmp_path / "missing")) is True  # cannot tell: the user's setting stands
+    info.write_text("flags\t\t: avx2\n")
+    monkeypatch.setenv("RLHF_CPU_BF16", "1")
+    assert cpu_bf16_is_fast(str(info)) is True
+
+
+@dataclass
+class Bf16Config(StageConfig):
+    bf16: bool = option(False, "bf16 autocast")
+
+
+def test_bf16_falls_back_to_fp32_on_a_cpu_without_it(monkeypatch, caplog):
+    import rlhf.config
+
+    monkeypatch.setattr(rlhf.config, "cpu_bf16_is_fast", lambda: False)
+    monkeypatch.setattr(
+        rlhf.config, "_warned", set()
+    )  # warned once per process: maybe already, by another test
+    assert load_config(Bf16Config, None, ["bf16=true"]).bf16 is False  # on CPU: fp32, with a warning
+    assert "AVX512-BF16" in caplog.text
+    assert (
+        load_config(Bf16Config, None, ["bf16=true", "device=cuda"]).bf16 is True
+    )  # GPUs decide for themselves
+    monkeypatch.setattr(rlhf.config, "cpu_bf16_is_fast", lambda: True)
+    assert load_config(Bf16Config, None, ["bf16=true"]).bf16 is True

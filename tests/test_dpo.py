@@ -202,7 +202,9 @@ def test_resume_reaches_the_same_result(learned, caplog):
     assert (out / "model" / "model.safetensors").read_bytes() == weights
 
 
-def test_gradient_checkpointing_is_exact_and_bf16_is_close(planted, tiny_checkpoint, learned):
+def test_gradient_checkpointing_is_exact_and_bf16_is_close(
+    planted, tiny_checkpoint, learned, bf16_on_any_cpu
+):
     from rlhf.stages.dpo import run
 
     fp32 = learned[3]  # constant learning rate: its first 3 steps are a 3-step run's

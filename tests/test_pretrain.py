@@ -159,7 +159,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_checkpoint, monkeypatch):
     assert "resumed from" in log and "step 20" in log
 
 
-def test_bf16_autocast_trains(tmp_path, tiny_checkpoint):
+def test_bf16_autocast_trains(tmp_path, tiny_checkpoint, bf16_on_any_cpu):
     cfg = small_config(
         tmp_path, tiny_checkpoint, "name=bf16", "bf16=true", "max_steps=100", "checkpoint_every=0"
     )

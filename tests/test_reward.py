@@ -323,7 +323,9 @@ def json_comparisons(path):
     return read_comparisons(path)
 
 
-def test_gradient_checkpointing_and_bf16_switches(tiny_checkpoint, tmp_path, restore_threads):
+def test_gradient_checkpointing_and_bf16_switches(
+    tiny_checkpoint, tmp_path, restore_threads, bf16_on_any_cpu
+):
     """`gradient_checkpointing=true` recomputes activations in backward (and forwards whole sequences: the shared
     prompt cache needs use_cache, which checkpointing turns off): the same losses as the flat pass without it."""
     data = tmp_path / "c.jsonl"
