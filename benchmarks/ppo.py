@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from common import CORPUS, parse_args, peer_gpt2_config, peer_tokenizer, result, table
+from rlhf.config import cpu_bf16_is_fast
 
 BATCH, NEW_TOKENS, TEMPERATURE, PROMPT_TOKENS = 16, 48, 0.7, 32
 CLOCK = time.perf_counter  # --cpu-time: time.process_time
@@ -350,20 +351,28 @@ def main() -> None:
         folder = Path(tmp)
         build_models(tok, folder)
         runs: dict[str, list[dict]] = {"trl": [], "trl_bf16": [], "fp32": [], "bf16": []}
+        # Without AVX512-BF16/AMX both sides' bf16 would be emulated (30x slower) and ours would fall back to
+        # fp32: no like-for-like bf16 comparison exists there, so only fp32 runs.
+        with_bf16 = cpu_bf16_is_fast()
+        if not with_bf16:
+            print("this CPU has no AVX512-BF16/AMX: fp32 only (RLHF_CPU_BF16=1 forces the bf16 runs)")
         for r in range(rounds):
-            order = ["trl", "trl_bf16", "fp32", "bf16"]
+            order = ["trl", "trl_bf16", "fp32", "bf16"] if with_bf16 else ["trl", "fp32"]
             for side in order if r % 2 == 0 else order[::-1]:
                 bf16_side = side.endswith("bf16")
                 if side.startswith("trl"):
                     runs[side].append(run_trl(folder, prompt_ids, tok, iterations, f"-{side}-{r}", bf16_side))
                 else:
                     runs[side].append(run_ours(folder, prompts, iterations, bf16_side, tag=f"-{r}"))
-        trl, trl_bf16, fp32, bf16 = (pooled(runs[k]) for k in ("trl", "trl_bf16", "fp32", "bf16"))
+        trl, fp32 = pooled(runs["trl"]), pooled(runs["fp32"])
+        trl_bf16, bf16 = (pooled(runs[k]) if with_bf16 else None for k in ("trl_bf16", "bf16"))
     print(
         f"{rounds} interleaved rounds x {iterations} iterations per run (medians of {rounds * (iterations - 1)})"
     )
     rows = []
     for name, r in (("ours fp32", fp32), ("ours bf16", bf16)):
+        if r is None:
+            continue
         s = r["split"]
         rows.append(
             [
@@ -378,6 +387,8 @@ def main() -> None:
             ]
         )
     for name, r in (("TRL 1.12 fp32", trl), ("TRL 1.12 bf16", trl_bf16)):
+        if r is None:
+            continue
         t = r["last"]
         rows.append(
             [
@@ -406,13 +417,14 @@ def main() -> None:
         "(TRL's scoring and training are not split out; its generation time is timed around batch_generation.)"
     )
     result("ppo_seconds_per_iteration", fp32["s_it"], trl["s_it"], "s", higher_is_better=False)
-    # bf16 against TRL's bf16 run (its Accelerate mixed precision: CPU autocast), like for like
-    result(
-        "ppo_rollout_tok_s_bf16",
-        bf16["tokens"] / bf16["s_it"],
-        trl_bf16["tokens"] / trl_bf16["s_it"],
-        "tok/s",
-    )
+    if bf16 is not None and trl_bf16 is not None:
+        # bf16 against TRL's bf16 run (its Accelerate mixed precision: CPU autocast), like for like
+        result(
+            "ppo_rollout_tok_s_bf16",
+            bf16["tokens"] / bf16["s_it"],
+            trl_bf16["tokens"] / trl_bf16["s_it"],
+            "tok/s",
+        )
     result("ppo_rollout_tok_s", fp32["tokens"] / fp32["s_it"], trl["tokens"] / trl["s_it"], "tok/s")
     if args.learn_run is not None:
         learning(args.learn_run, max(args.learn_iterations, 6), args.learn_seeds)
