@@ -615,3 +615,30 @@ def test_prompt_prefix_run_while_sampling_equals_one_full_pass(tmp_path, tiny_ch
     torch.testing.assert_close(rollout.ref_logprobs, ref * mask, atol=1e-5, rtol=0)
     torch.testing.assert_close(rollout.values, values * mask, atol=1e-5, rtol=0)
     torch.testing.assert_close(rollout.raw_scores, scores, atol=1e-5, rtol=0)
+
+
+def test_frozen_embeddings_stay_put_while_the_trunk_learns_and_adam_eps_reaches_the_optimizer(
+    tmp_path, tiny_checkpoint, prompt_file
+):
+    from safetensors.torch import load_file
+
+    config = tiny_config(
+        tmp_path, tiny_checkpoint, prompt_file, "batch_size=8", "iterations=2", "freeze_embeddings=true",
+        "adam_eps=1e-5",
+    )  # fmt: skip
+    models = load_models(config, None, with_reward=False)
+    frozen = {n for n, p in models.policy.named_parameters() if not p.requires_grad}
+    assert any("wte" in n for n in frozen) and any("wpe" in n for n in frozen)
+    assert all("wte" in n or "wpe" in n or "lm_head" in n for n in frozen), frozen
+    run(config, target_share)
+    before = load_file(tiny_checkpoint / "model.safetensors")
+    after = load_file(tmp_path / "runs" / "demo" / "ppo" / "model" / "model.safetensors")
+    for name in ("transformer.wte.weight", "transformer.wpe.weight"):
+        assert torch.equal(before[name], after[name]), name
+    assert not torch.equal(
+        before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"]
+    )
+    from rlhf.checkpoint import latest_checkpoint, load_state
+
+    state = load_state(latest_checkpoint(tmp_path / "runs" / "demo" / "ppo"))
+    assert state["policy_opt"]["param_groups"][0]["eps"] == 1e-5

@@ -130,6 +130,17 @@ class PPOConfig(TrainingStageConfig):
     lr_schedule: str = option("constant", "LR schedule", choices=("constant", "linear", "cosine"))
     warmup_steps: int = option(0, "optimizer steps of linear warm-up", low=0)
     weight_decay: float = option(0.0, "AdamW weight decay", low=0.0)
+    adam_eps: float = option(
+        1e-8,
+        "Adam's epsilon: above the gradients' RMS it damps the steps of parameters whose gradients are tiny and "
+        "noisy (the LM-head rows of rarely sampled tokens) instead of scaling them to full size",
+        low=0.0,
+    )
+    freeze_embeddings: bool = option(
+        False,
+        "keep the policy's token and position embeddings (and a tied LM head) fixed: the softmax gives every "
+        "vocabulary row a small noisy gradient that Adam would turn into lr-sized moves",
+    )
     max_grad_norm: float = option(1.0, "gradient clipping norm; 0 = off", low=0.0)
     clip: float = option(0.2, "policy ratio clip epsilon", low=0.0)
     value_clip: float = option(0.2, "value clip around the rollout values", low=0.0)
@@ -194,7 +205,7 @@ class PPOConfig(TrainingStageConfig):
 
 def _adamw(params: Any, lr: float, config: PPOConfig) -> torch.optim.AdamW:
     """AdamW with the fused kernel (CPU and CUDA): one pass over all parameters instead of a dozen ops each."""
-    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay, eps=config.adam_eps, fused=True)
 
 
 def _schedule(config: PPOConfig, total_steps: int) -> Callable[[int], float]:

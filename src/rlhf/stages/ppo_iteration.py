@@ -72,6 +72,16 @@ def _frozen(model: Any) -> Any:
     return model
 
 
+def freeze_embeddings(model: torch.nn.Module) -> None:
+    """Fix every embedding table and the LM head (tied to the token embedding in GPT-2)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            module.requires_grad_(False)
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.requires_grad_(False)
+
+
 def load_models(config: PPOConfig, checkpoint: Path | None, with_reward: bool) -> Models:
     """Policy (from SFT or the checkpoint), frozen reference, frozen RM, value model (from RM or checkpoint)."""
     from rlhf.reward_model import RewardModel, reward_model_from_causal_lm
@@ -94,6 +104,8 @@ def load_models(config: PPOConfig, checkpoint: Path | None, with_reward: bool) -
             load_adapter_checkpoint(peft, checkpoint / "policy")
         policy = peft.get_base_model()  # the HF model with LoRA layers inside: what sampling and losses call
     policy.eval()  # dropout off everywhere: eval mode stays on while training
+    if config.freeze_embeddings:
+        freeze_embeddings(policy)
     for model in (ref, policy):
         if model is not None:
             fast_gelu(model)
