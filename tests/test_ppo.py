@@ -622,6 +622,8 @@ def test_frozen_embeddings_stay_put_while_the_trunk_learns_and_adam_eps_reaches_
 ):
     from safetensors.torch import load_file
 
+    from rlhf.checkpoint import latest_checkpoint, load_state
+
     config = tiny_config(
         tmp_path, tiny_checkpoint, prompt_file, "batch_size=8", "iterations=2", "freeze_embeddings=true",
         "adam_eps=1e-5",
@@ -638,7 +640,5 @@ def test_frozen_embeddings_stay_put_while_the_trunk_learns_and_adam_eps_reaches_
     assert not torch.equal(
         before["transformer.h.0.mlp.c_fc.weight"], after["transformer.h.0.mlp.c_fc.weight"]
     )
-    from rlhf.checkpoint import latest_checkpoint, load_state
-
     state = load_state(latest_checkpoint(tmp_path / "runs" / "demo" / "ppo"))
     assert state["policy_opt"]["param_groups"][0]["eps"] == 1e-5
