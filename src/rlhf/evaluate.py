@@ -126,8 +126,8 @@ def _sequence_kl(policy, ref, prompt_ids, gen, pad_id: int, batch: int) -> list[
         for s in range(0, len(prompt_ids), batch):
             ids, mask = gen.response_ids[s : s + batch], gen.response_mask[s : s + batch]
             inputs, attn, start = join_prompt_response(prompt_ids[s : s + batch], ids, mask, pad_id)
-            lp_pol = token_logprobs(policy, inputs, attn)[:, start - 1 :]
-            lp_ref = token_logprobs(ref, inputs, attn)[:, start - 1 :]
+            lp_pol = token_logprobs(policy, inputs, attn, start=start - 1)  # (B, T) response tokens only
+            lp_ref = token_logprobs(ref, inputs, attn, start=start - 1)
             out.extend(em.sequence_kl(lp_pol, lp_ref, mask).tolist())
     return out
 

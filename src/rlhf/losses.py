@@ -160,10 +160,63 @@ def kl_exact(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor
     """Exact KL(p || p_ref) = sum_v p_v (log p_v - log p_ref_v) at each position, from full log-probabilities over the
     vocabulary (..., V) -> (...). No sampling noise: its gradient pulls every token's probability back towards the
     reference at each visited state, not only the sampled token's."""
-    probs = logprobs.exp()
-    terms = probs * (logprobs - ref_logprobs)
-    # p = 0 (a -inf log-prob) contributes 0, not 0 * inf = NaN
-    return torch.where(probs > 0, terms, torch.zeros((), dtype=terms.dtype)).sum(-1)
+    return _ExactKL.apply(logprobs, ref_logprobs)
+
+
+# rows of (..., V) a block at a time, so the exp and the products of one block stay in cache (512 KiB of fp32)
+_BLOCK_ELEMENTS = 1 << 17
+
+
+class _ExactKL(torch.autograd.Function):
+    """sum_v p_v (log p_v - log q_v) with p = exp(log p), in one blocked pass forward and one backward instead of
+    the six full passes (and their saved (..., V) intermediates) that autograd over exp/sub/mul/where takes; on the
+    demo's (M, 4096) rows that was a sixth of a PPO update. d/d log p_v = p_v (log p_v - log q_v + 1),
+    d/d log q_v = -p_v; a p = 0 (a -inf log-prob) term contributes 0 and gets 0 gradient, not NaN."""
+
+    @staticmethod
+    def forward(ctx, logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logprobs, ref_logprobs)
+        shape = torch.broadcast_shapes(logprobs.shape, ref_logprobs.shape)
+        lp, lq = (t.expand(shape).reshape(-1, shape[-1]) for t in (logprobs, ref_logprobs))
+        out = torch.empty(lp.shape[0], dtype=torch.promote_types(lp.dtype, lq.dtype), device=lp.device)
+        step = max(1, _BLOCK_ELEMENTS // max(shape[-1], 1))
+        for i in range(0, lp.shape[0], step):
+            probs = lp[i : i + step].exp()
+            terms = (lp[i : i + step] - lq[i : i + step]).mul_(probs).masked_fill_(probs == 0, 0.0)
+            out[i : i + step] = terms.sum(-1)
+        return out.view(shape[:-1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        logprobs, ref_logprobs = ctx.saved_tensors
+        shape = torch.broadcast_shapes(logprobs.shape, ref_logprobs.shape)
+        lp, lq = (t.expand(shape).reshape(-1, shape[-1]) for t in (logprobs, ref_logprobs))
+        g = grad.reshape(-1, 1)
+        want_p, want_q = ctx.needs_input_grad
+        grad_p = torch.empty(lp.shape, dtype=lp.dtype, device=lp.device) if want_p else None
+        grad_q = torch.empty(lq.shape, dtype=lq.dtype, device=lq.device) if want_q else None
+        step = max(1, _BLOCK_ELEMENTS // max(shape[-1], 1))
+        for i in range(0, lp.shape[0], step):
+            block = slice(i, i + step)
+            probs = lp[block].exp().mul_(g[block])  # g p
+            if want_p:
+                terms = (lp[block] - lq[block]).add_(1.0).mul_(probs)
+                grad_p[block] = terms.masked_fill_(probs == 0, 0.0)
+            if want_q:
+                grad_q[block] = -probs
+        out_p = None if grad_p is None else _unbroadcast(grad_p.view(shape), logprobs.shape)
+        out_q = None if grad_q is None else _unbroadcast(grad_q.view(shape), ref_logprobs.shape)
+        return out_p, out_q
+
+
+def _unbroadcast(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Sum a gradient over the dimensions its input was broadcast along."""
+    while grad.dim() > len(shape):
+        grad = grad.sum(0)
+    for dim, size in enumerate(shape):
+        if size == 1 and grad.shape[dim] != 1:
+            grad = grad.sum(dim, keepdim=True)
+    return grad
 
 
 def policy_loss(

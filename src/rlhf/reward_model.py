@@ -26,6 +26,7 @@ import torch
 from rlhf.data.template import encode_prompt, encode_response
 from rlhf.errors import UserError
 from rlhf.modeling import ensure_special_tokens, load_tokenizer, local_path
+from rlhf.unpadded import trunk_forward
 
 log = logging.getLogger("rlhf")
 
@@ -146,9 +147,7 @@ class RewardModel(torch.nn.Module):
         position_ids = position_ids_from_mask(attention_mask)
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         last = last_token_index(attention_mask)
-        hidden = trunk(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state  # (B, L, d)
+        hidden, _ = trunk_forward(trunk, input_ids, attention_mask, position_ids)  # (B, L, d)
         return head(hidden[rows, last]).squeeze(-1).float()  # (B,)
 
     def shared_prompt_scores(
@@ -170,12 +169,8 @@ class RewardModel(torch.nn.Module):
             p_mask[i, width - len(p) :] = 1
         p_ids, p_mask = p_ids.to(device), p_mask.to(device)
         trunk, head = self.trunk_and_head()
-        cache = trunk(
-            input_ids=p_ids,
-            attention_mask=p_mask,
-            position_ids=position_ids_from_mask(p_mask),
-            use_cache=True,
-        ).past_key_values
+        # linear layers on real tokens only where the padding makes that pay (rlhf.unpadded)
+        _, cache = trunk_forward(trunk, p_ids, p_mask, position_ids_from_mask(p_mask), use_cache=True)
         index = torch.tensor(owner, dtype=torch.long, device=device)
         cache.batch_select_indices(index)  # (B, ...) -> (N, ...): one copy of its prompt's keys per response
         r_ids, r_mask = self.pad(responses)  # (N, R) right-padded
@@ -187,13 +182,7 @@ class RewardModel(torch.nn.Module):
         positions = positions.clamp(
             max=self.context - 1
         )  # only pad columns (never read) could pass the context
-        hidden = trunk(
-            input_ids=r_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state  # (N, R, d)
+        hidden, _ = trunk_forward(trunk, r_ids, mask, positions, past=cache, use_cache=True)  # (N, R, d)
         rows = torch.arange(len(responses), device=device)
         return head(hidden[rows, lengths - 1]).squeeze(-1).float()  # (N,)
 

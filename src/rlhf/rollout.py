@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from rlhf.losses import gae, kl_k1, masked_var, masked_whiten, rloo_advantages
+from rlhf.unpadded import trunk_forward
 
 
 @dataclass
@@ -286,10 +287,7 @@ def prefix_cache(trunk: torch.nn.Module, prompt_ids: torch.Tensor, prompt_mask: 
     if prompt_ids.shape[1] < 2:
         return None
     mask = prompt_mask[:, :-1]
-    out = trunk(
-        input_ids=prompt_ids[:, :-1], attention_mask=mask, position_ids=position_ids(mask), use_cache=True
-    )
-    return out.past_key_values
+    return trunk_forward(trunk, prompt_ids[:, :-1], mask, position_ids(mask), use_cache=True)[1]
 
 
 def trunk_states(
@@ -305,14 +303,15 @@ def trunk_states(
     the columns from start - 1 on run."""
     first = start - 1 if past is not None else 0
     end = input_ids.shape[1] if through_last else input_ids.shape[1] - 1  # the last column predicts nothing
-    out = trunk(
-        input_ids=input_ids[:, first:end],
-        attention_mask=attention_mask[:, :end],
-        position_ids=position_ids(attention_mask)[:, first:end],
-        past_key_values=past,
+    hidden, _ = trunk_forward(  # linear layers on real tokens only where that pays (rlhf.unpadded)
+        trunk,
+        input_ids[:, first:end],
+        attention_mask[:, :end],
+        position_ids(attention_mask)[:, first:end],
+        past=past,
         use_cache=past is not None,
     )
-    return out.last_hidden_state[:, start - 1 - first :]
+    return hidden[:, start - 1 - first :]
 
 
 def response_hidden(
@@ -351,16 +350,26 @@ def response_logprobs(
     with_logits: bool = False,
     with_log_softmax: bool = False,
     past: Any | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """log pi(response token t | prefix) at `temperature` (B, T), the scaled logits (B, T, V) if asked (or their
     log-softmax, the full log pi(. | prefix), with `with_log_softmax`), and the hidden states (B, T, d) (a shared
-    value head reads them). The LM head runs on response columns only; `past` is a `prefix_cache` of the prompt."""
+    value head reads them). The LM head runs on response columns only; `past` is a `prefix_cache` of the prompt.
+
+    With `rows` (B, T) bool (the response mask) the LM head runs on those positions only: the logits/log-softmax
+    come back packed (M, V) in `rows`' row-major order and `logp` is 0 elsewhere. Responses that stop at EOS leave
+    a third of the (B, T, V) grid as padding, and every pass over it (head, log-softmax, exact KL, their backward)
+    is then skipped."""
     hidden = response_hidden(model, input_ids, attention_mask, start, past)  # (B, T, d)
+    states = hidden if rows is None else hidden[rows]  # (B, T, d) or (M, d)
+    targets = input_ids[:, start:] if rows is None else input_ids[:, start:][rows]  # (B, T) or (M,)
     # (h W^T) / temperature == (h / temperature) W^T: divide the (B, T, d) states, not the (B, T, V) logits
-    logits = model.get_output_embeddings()(hidden / temperature)  # (B, T, V), bf16 under autocast
+    logits = model.get_output_embeddings()(states / temperature)  # (B, T, V) or (M, V), bf16 under autocast
     # fp32 log-softmax read straight from the (bf16) logits: no separate fp32 copy of them, nor its backward
-    log_softmax = torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # (B, T, V)
-    logp = log_softmax.gather(-1, input_ids[:, start:, None]).squeeze(-1)  # (B, T)
+    log_softmax = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+    logp = log_softmax.gather(-1, targets[..., None]).squeeze(-1)  # (B, T) or (M,)
+    if rows is not None:
+        logp = logp.new_zeros(rows.shape).masked_scatter(rows, logp)  # (B, T), 0 on padding
     return logp, (log_softmax if with_log_softmax else logits.float() if with_logits else None), hidden
 
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from rlhf.data.template import decode_response
 from rlhf.errors import UserError
 from rlhf.modeling import context_length
+from rlhf.unpadded import applies, trunk_forward
 
 
 @dataclass
@@ -190,12 +191,19 @@ def token_logprobs(
     length = input_ids.shape[1]
     if not 0 <= start < length - 1:
         raise ValueError(f"start must be in [0, {length - 1}), got {start}")
-    logits = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_for(attention_mask),
-        logits_to_keep=length - start,  # positions start .. L-1; the last one predicts nothing
-    ).logits[:, :-1]
+    positions = position_ids_for(attention_mask)
+    trunk, head = getattr(model, "base_model", None), model.get_output_embeddings()
+    unpadded = trunk is not None and trunk is not model and head is not None
+    if unpadded and applies(trunk, attention_mask, length):  # linear layers on real tokens only
+        hidden, _ = trunk_forward(trunk, input_ids, attention_mask, positions)  # (B, L, d)
+        logits = head(hidden[:, start:-1])  # positions start .. L-2 (L-1 predicts nothing)
+    else:
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            logits_to_keep=length - start,  # positions start .. L-1; the last one predicts nothing
+        ).logits[:, :-1]
     logp = torch.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, input_ids[:, start + 1 :].unsqueeze(-1)).squeeze(-1)
 

@@ -25,8 +25,6 @@ from rlhf.losses import (
     explained_variance,
     kl_exact,
     kl_k3,
-    masked_mean,
-    masked_sum,
     policy_loss,
     value_loss,
 )
@@ -319,6 +317,7 @@ def accumulate_gradients(
     or "value" does one model's half only (a separate value model shares nothing with the policy, so the two halves
     can run at the same time; the shared value head needs "both")."""
     mask = mb.response_mask
+    real = mask.bool()
     policy_part, value_part = part != "value", part != "policy" and models.value is not None
     shared_head = isinstance(models.value, SharedValueHead)
     with autocast(config.bf16, config.device):
@@ -330,6 +329,7 @@ def accumulate_gradients(
                 mb.response_start,
                 config.temperature,
                 with_log_softmax=True,
+                rows=real,  # LM head, log-softmax and exact KL on real response tokens only: (M, V)
             )
         if value_part and shared_head:
             values = models.value(hidden)
@@ -341,7 +341,7 @@ def accumulate_gradients(
         loss = pg_loss
         stats.update(pg_loss=pg_loss.detach(), **pg_stats)
         if mb.ref_log_softmax is not None:  # kl.penalty=loss: beta x exact KL, scaled like the advantages
-            kl_loss = masked_sum(kl_exact(log_softmax, mb.ref_log_softmax), mask) / normalizer
+            kl_loss = kl_exact(log_softmax, mb.ref_log_softmax[real]).sum() / normalizer
             loss = loss + mb.loss_kl_coef * kl_loss
             stats["kl_exact"] = kl_loss.detach() * normalizer / mask.sum().clamp(min=1)
     if value_part:
@@ -357,7 +357,8 @@ def accumulate_gradients(
     loss.backward()
     if policy_part:
         with torch.no_grad():
-            stats["entropy"] = masked_mean(entropy_from_logprobs(log_softmax.detach()), mask)
+            entropy = entropy_from_logprobs(log_softmax.detach())  # (M,) real tokens
+            stats["entropy"] = entropy.mean() if entropy.numel() else entropy.new_zeros(())
     return stats
 
 
