@@ -201,29 +201,26 @@ def test_adaptive_kl_controller_follows_ziegler_formula():
         make_kl_controller("pid", 0.1)
 
 
-def test_exact_kl_blocked_autograd_matches_plain_autograd_and_finite_differences():
+def test_exact_kl_blocked_autograd_matches_plain_autograd_and_finite_differences(monkeypatch):
     """The fused forward/backward equals autograd over the textbook formula, also across block boundaries and for
     a broadcast reference, and passes a float64 finite-difference check."""
+    import rlhf.losses
+
+    monkeypatch.setattr(rlhf.losses, "_BLOCK_ELEMENTS", 32 * 40)  # blocks of 32 rows of 40
     torch.manual_seed(0)
-    z = torch.randn(3, 70, 40, dtype=torch.float64, requires_grad=True)  # 210 rows: several blocks of 32 rows
+    # 210 rows: 7 blocks, the last one partial
+    z = torch.randn(3, 70, 40, dtype=torch.float64, requires_grad=True)
     q = torch.log_softmax(torch.randn(1, 70, 40, dtype=torch.float64), -1).requires_grad_()
 
     def textbook(log_p, log_q):
         return (log_p.exp() * (log_p - log_q)).sum(-1)
 
-    import rlhf.losses as kl_exact_mod
-
-    old = kl_exact_mod._BLOCK_ELEMENTS
-    kl_exact_mod._BLOCK_ELEMENTS = 32 * 40
-    try:
-        fused = kl_exact(torch.log_softmax(z, -1), q)
-        fused_grads = torch.autograd.grad(fused.sum(), (z, q))
-        plain = textbook(torch.log_softmax(z, -1), q)
-        plain_grads = torch.autograd.grad(plain.sum(), (z, q))
-        torch.testing.assert_close(fused, plain)
-        for a, b in zip(fused_grads, plain_grads):
-            torch.testing.assert_close(a, b)
-        small = z[:1, :5].detach().requires_grad_()
-        assert torch.autograd.gradcheck(lambda a, b: kl_exact(torch.log_softmax(a, -1), b), (small, q[:, :5]))
-    finally:
-        kl_exact_mod._BLOCK_ELEMENTS = old
+    fused = kl_exact(torch.log_softmax(z, -1), q)
+    fused_grads = torch.autograd.grad(fused.sum(), (z, q))
+    plain = textbook(torch.log_softmax(z, -1), q)
+    plain_grads = torch.autograd.grad(plain.sum(), (z, q))
+    torch.testing.assert_close(fused, plain)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b)
+    small = z[:1, :5].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: kl_exact(torch.log_softmax(a, -1), b), (small, q[:, :5]))
