@@ -132,11 +132,19 @@ def test_gradient_checkpointing_recomputes_each_layer_with_the_same_gradients():
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_token_logprobs_take_the_unpadded_path_with_the_same_numbers():
+def test_token_logprobs_take_the_unpadded_path_with_the_same_numbers(monkeypatch):
+    import rlhf.sampling
+
+    calls = []
+    unpadded = rlhf.sampling.trunk_forward
+    monkeypatch.setattr(
+        rlhf.sampling, "trunk_forward", lambda *a, **k: (calls.append(1), unpadded(*a, **k))[1]
+    )
     model = tiny_lm()
     ids, mask = padded_batch()
     start = PROMPT - 1
     ours = token_logprobs(model, ids, mask, start=start)  # (B, T)
+    assert calls == [1]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask)).logits[:, start:-1]
     expected = torch.log_softmax(logits, -1).gather(-1, ids[:, start + 1 :, None]).squeeze(-1)
     real = mask[:, start + 1 :]

@@ -160,11 +160,18 @@ def kl_exact(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor
     """Exact KL(p || p_ref) = sum_v p_v (log p_v - log p_ref_v) at each position, from full log-probabilities over the
     vocabulary (..., V) -> (...). No sampling noise: its gradient pulls every token's probability back towards the
     reference at each visited state, not only the sampled token's."""
+    dtype = torch.promote_types(logprobs.dtype, ref_logprobs.dtype)
+    # broadcasting (and its gradient's reduction) by autograd; the fused function sees equal shapes
+    logprobs, ref_logprobs = torch.broadcast_tensors(logprobs.to(dtype), ref_logprobs.to(dtype))
     return _ExactKL.apply(logprobs, ref_logprobs)
 
 
-# rows of (..., V) a block at a time, so the exp and the products of one block stay in cache (512 KiB of fp32)
-_BLOCK_ELEMENTS = 1 << 17
+_BLOCK_ELEMENTS = 1 << 17  # 512 KiB of fp32
+
+
+def _block_rows(width: int) -> int:
+    """Rows of (..., width) per block, so a block's exp and products stay in cache."""
+    return max(1, _BLOCK_ELEMENTS // max(width, 1))
 
 
 class _ExactKL(torch.autograd.Function):
@@ -176,26 +183,24 @@ class _ExactKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(logprobs, ref_logprobs)
-        shape = torch.broadcast_shapes(logprobs.shape, ref_logprobs.shape)
-        lp, lq = (t.expand(shape).reshape(-1, shape[-1]) for t in (logprobs, ref_logprobs))
-        out = torch.empty(lp.shape[0], dtype=torch.promote_types(lp.dtype, lq.dtype), device=lp.device)
-        step = max(1, _BLOCK_ELEMENTS // max(shape[-1], 1))
+        lp, lq = (t.reshape(-1, t.shape[-1]) for t in (logprobs, ref_logprobs))  # (R, V)
+        out = torch.empty(lp.shape[0], dtype=lp.dtype, device=lp.device)
+        step = _block_rows(lp.shape[1])
         for i in range(0, lp.shape[0], step):
-            probs = lp[i : i + step].exp()
-            terms = (lp[i : i + step] - lq[i : i + step]).mul_(probs).masked_fill_(probs == 0, 0.0)
-            out[i : i + step] = terms.sum(-1)
-        return out.view(shape[:-1])
+            block = slice(i, i + step)
+            probs = lp[block].exp()
+            out[block] = (lp[block] - lq[block]).mul_(probs).masked_fill_(probs == 0, 0.0).sum(-1)
+        return out.view(logprobs.shape[:-1])
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         logprobs, ref_logprobs = ctx.saved_tensors
-        shape = torch.broadcast_shapes(logprobs.shape, ref_logprobs.shape)
-        lp, lq = (t.expand(shape).reshape(-1, shape[-1]) for t in (logprobs, ref_logprobs))
+        lp, lq = (t.reshape(-1, t.shape[-1]) for t in (logprobs, ref_logprobs))  # (R, V)
         g = grad.reshape(-1, 1)
         want_p, want_q = ctx.needs_input_grad
-        grad_p = torch.empty(lp.shape, dtype=lp.dtype, device=lp.device) if want_p else None
-        grad_q = torch.empty(lq.shape, dtype=lq.dtype, device=lq.device) if want_q else None
-        step = max(1, _BLOCK_ELEMENTS // max(shape[-1], 1))
+        grad_p = torch.empty_like(lp) if want_p else None
+        grad_q = torch.empty_like(lq) if want_q else None
+        step = _block_rows(lp.shape[1])
         for i in range(0, lp.shape[0], step):
             block = slice(i, i + step)
             probs = lp[block].exp().mul_(g[block])  # g p
@@ -204,19 +209,10 @@ class _ExactKL(torch.autograd.Function):
                 grad_p[block] = terms.masked_fill_(probs == 0, 0.0)
             if want_q:
                 grad_q[block] = -probs
-        out_p = None if grad_p is None else _unbroadcast(grad_p.view(shape), logprobs.shape)
-        out_q = None if grad_q is None else _unbroadcast(grad_q.view(shape), ref_logprobs.shape)
-        return out_p, out_q
-
-
-def _unbroadcast(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Sum a gradient over the dimensions its input was broadcast along."""
-    while grad.dim() > len(shape):
-        grad = grad.sum(0)
-    for dim, size in enumerate(shape):
-        if size == 1 and grad.shape[dim] != 1:
-            grad = grad.sum(dim, keepdim=True)
-    return grad
+        return (
+            None if grad_p is None else grad_p.view(logprobs.shape),
+            None if grad_q is None else grad_q.view(ref_logprobs.shape),
+        )
 
 
 def policy_loss(
@@ -290,7 +286,7 @@ def entropy_from_logprobs(logprobs: torch.Tensor) -> torch.Tensor:
     # 192 x 8192 on one core)
     flat = logprobs.reshape(-1, logprobs.shape[-1])
     entropy = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
-    rows = max(1, (1 << 17) // max(flat.shape[1], 1))  # 512 KiB of fp32 per block
+    rows = _block_rows(flat.shape[1])
     for i in range(0, flat.shape[0], rows):
         block = flat[i : i + rows]
         entropy[i : i + rows] = (block.exp() * block).sum(-1).neg_()
