@@ -151,6 +151,40 @@ def test_racing_submits_that_claim_the_next_item_keep_every_submit_and_the_overl
         assert all(item.filled == 2 for item in db.scalars(select(Item)))
 
 
+def test_a_claimant_outlasts_lost_rounds_and_a_submit_claims_again_after_its_commit(store, monkeypatch):
+    """Racers can win every candidate for several rounds in a row (6 threads on 8 slots did on CI); a claimant keeps
+    looking while slots are open, and a submit whose in-transaction claim lost looks again once committed."""
+    _, sessions = store
+    with sessions() as db:
+        service.import_batch(db, "b", make_samples(n=2), ["ranking"], overlap=1)
+        user, _ = service.create_annotator(db, "alice")
+        actor = service.Actor(user.id, user.name, user.is_admin)
+    real_claim, lost = service._claim, {"rounds": 0}
+
+    def losing_claim(db, item_id, overlap, who, empty=False, commit=True):
+        if lost["rounds"] < 12:  # two items a round: six rounds lost, more than the old bound of five
+            lost["rounds"] += 1
+            return None
+        return real_claim(db, item_id, overlap, who, empty=empty, commit=commit)
+
+    monkeypatch.setattr(service, "_claim", losing_claim)
+    monkeypatch.setattr(service, "_CLAIM_BACKOFF_S", 0.0)
+    with sessions() as db:
+        first = service.next_item(db, actor)
+        assert first is not None and lost["rounds"] == 12
+        lost["rounds"] = 0
+        ann, replayed, second = service.submit_and_next(
+            db, actor, first[0].id, SubmitIn(submission_id="submit-0001", ranks=[1, 2, 3, 4])
+        )
+        assert not replayed and ann.status == "submitted"
+        assert second is not None and second[0].id != first[0].id
+    with sessions() as db:
+        assert {(a.item_id, a.status) for a in db.scalars(select(Annotation))} == {
+            (first[0].id, "submitted"),
+            (second[0].id, "draft"),
+        }
+
+
 def _annotator_loop_rows(db_path, runner_cls, monkeypatch) -> list[tuple]:
     """Claim, submit, skip and replay through the hot path with `runner_cls`; the annotations as stored."""
     monkeypatch.setattr(service, "runner", runner_cls)

@@ -8,7 +8,9 @@ rows; admin-only functions are only reachable through the admin dependency (see 
 from __future__ import annotations
 
 import hashlib
+import random
 import secrets
+import time
 import weakref
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -326,6 +328,12 @@ def _claim(
     return AnnotationRow(ann_id, item_id, slot, "draft", {}, None, now, None)
 
 
+# A lost claim round means another annotator's claim committed, so rounds only run out in a storm of claimants
+# far larger than the free slots. Inside a submit's transaction (holding its row) give up quickly instead: the
+# caller looks again, with all rounds, once the submit is committed.
+_CLAIM_ROUNDS, _CLAIM_ROUNDS_IN_TRANSACTION, _CLAIM_BACKOFF_S = 32, 2, 0.002
+
+
 def next_item(
     db: Session, user: Actor, batch_name: str | None = None, commit: bool = True
 ) -> tuple[ItemRow, AnnotationRow] | None:
@@ -342,7 +350,10 @@ def next_item(
     draft = _first(db, _DRAFT, {"user": user.id, "batches": tuple(b.id for b in batches)})
     if draft is not None:
         return _split(draft)
-    for _attempt in range(5):
+    for attempt in range(_CLAIM_ROUNDS if commit else _CLAIM_ROUNDS_IN_TRANSACTION):
+        if attempt and commit:  # a lost round means racers' claims committed meanwhile: back off, look again
+            db.rollback()  # end the read; a committing claim holds nothing uncommitted here
+            time.sleep(random.uniform(0, _CLAIM_BACKOFF_S * min(attempt, 8)))
         candidates = _open_items(db, batches, user)
         if not candidates:
             return None
