@@ -86,6 +86,9 @@ def test_cpu_bf16_detection_reads_the_cpu_flags(tmp_path, monkeypatch):
     info.write_text("flags\t\t: avx2\n")
     monkeypatch.setenv("RLHF_CPU_BF16", "1")
     assert cpu_bf16_is_fast(str(info)) is True
+    info.write_text("flags\t\t: avx2 avx512_bf16\n")
+    monkeypatch.setenv("RLHF_CPU_BF16", "0")  # fp32 as on a CPU without bf16 (what fp32_overrides react to)
+    assert cpu_bf16_is_fast(str(info)) is False
 
 
 @dataclass

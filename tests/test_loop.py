@@ -312,6 +312,34 @@ def test_loop_config_checks_and_stage_wiring(tmp_path):
         )
 
 
+def test_fp32_overrides_apply_only_where_the_stages_fall_back_to_fp32(tmp_path, monkeypatch):
+    import dataclasses
+
+    from rlhf.loop import Loop
+
+    overrides = {"ppo": {"iterations": 3, "kl": {"coef": 0.5}}, "pretrain": {"max_steps": 7}}
+    config = dataclasses.replace(_load_ci(tmp_path), fp32_overrides=overrides)
+    monkeypatch.setenv("RLHF_CPU_BF16", "0")  # as on a CPU without fast bf16
+    c = Loop(config).c
+    assert (c.ppo["iterations"], c.ppo["kl"], c.pretrain["max_steps"]) == (
+        3,
+        {"mode": "fixed", "coef": 0.5, "penalty": "loss"},
+        7,
+    )
+    assert c.ppo["bf16"] and c.sft == config.sft  # the rest of each section stays; other sections untouched
+    assert (
+        config.ppo["iterations"] == 48 and config.ppo["kl"]["coef"] == 0.3
+    )  # the given config is not changed
+    no_bf16 = {k: {**getattr(config, k), "bf16": False} for k in ("pretrain", "sft", "reward", "ppo")}
+    assert (
+        Loop(dataclasses.replace(config, **no_bf16)).c.ppo["iterations"] == 48
+    )  # fp32 asked for: as written
+    monkeypatch.setenv("RLHF_CPU_BF16", "1")
+    assert Loop(config).c.ppo["iterations"] == 48  # bf16 runs: as written
+    with pytest.raises(UserError, match="fp32_overrides.*'ppo_typo'"):
+        _load_ci(tmp_path, "fp32_overrides={ppo_typo: {iterations: 3}}")
+
+
 def test_human_labelling_waits_for_the_app_and_exports(tmp_path):
     """labeller=human: the batch goes into the feedback app, the loop waits while people rank, then exports."""
     import threading

@@ -78,18 +78,19 @@ class StageConfig:
         """Reject impossible combinations. Stages override this and call super().validate()."""
         if getattr(self, "bf16", False) and self.device == "cpu" and not cpu_bf16_is_fast():
             _warn_once(
-                "bf16=true on a CPU without AVX512-BF16 or AMX: bf16 matmuls would be emulated (30x slower "
-                "measured on an AVX2 machine), so this runs in fp32. RLHF_CPU_BF16=1 keeps bf16 anyway."
+                "bf16=true on a CPU without AVX512-BF16 or AMX (or RLHF_CPU_BF16=0): bf16 matmuls would be "
+                "emulated (30x slower measured on an AVX2 machine), so this runs in fp32. RLHF_CPU_BF16=1 keeps bf16."
             )
             self.bf16 = False  # type: ignore[attr-defined]
 
 
 def cpu_bf16_is_fast(cpuinfo: str = "/proc/cpuinfo") -> bool:
     """Whether bf16 autocast pays off on this CPU: x86 AVX512-BF16 or AMX-BF16, or Arm BF16, as Linux reports them
-    in /proc/cpuinfo; True where the flags cannot be read (other systems: the user's setting stands), or when the
-    environment says RLHF_CPU_BF16=1."""
-    if os.environ.get("RLHF_CPU_BF16") == "1":
-        return True
+    in /proc/cpuinfo; True where the flags cannot be read (other systems: the user's setting stands). The
+    environment decides instead when it says RLHF_CPU_BF16=1 (bf16 anyway) or RLHF_CPU_BF16=0 (fp32, as on a CPU
+    without them)."""
+    if os.environ.get("RLHF_CPU_BF16") in ("0", "1"):
+        return os.environ["RLHF_CPU_BF16"] == "1"
     try:
         info = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
     except OSError:

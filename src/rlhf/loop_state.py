@@ -60,11 +60,11 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def _deep_merge(base: dict, top: dict) -> dict:
+def deep_merge(base: dict, top: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -99,7 +99,7 @@ def stage_config(cls: type, loop: Any, section: dict, wiring: dict, where: str, 
     for key, value in wiring.items():
         if has_field(cls, key):
             _set(tree, key, value)
-    tree = _deep_merge(tree, section)
+    tree = deep_merge(tree, section)
     for key, value in common.items():
         _set(tree, key, value)
     try:
