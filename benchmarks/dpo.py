@@ -17,10 +17,14 @@ epoch; `rlhf dpo` caches it, TRL redoes it every epoch. The machine is noisy: co
     .venv/bin/python benchmarks/dpo.py --quick     # about a minute
     .venv/bin/python benchmarks/dpo.py             # more steps: accuracy has time to move
     .venv/bin/python benchmarks/dpo.py --quick --threads 1 --cpu-time   # on a busy shared machine
+    .venv/bin/python benchmarks/dpo.py --quick --hh   # real HH-RLHF pairs of varied length (../shared/data)
+
+The default pairs all have the same length, so nothing is padded; `--hh` pairs pad a batch by a quarter to a third,
+which both trainers pay for unless they skip it (ours runs its linear layers and LM head on real tokens only).
 
 TRL runs at its defaults (SDPA attention, fp32; with bf16 its own `bf16=True`); ours at its defaults (eager
 attention on CPU, each prompt run once per pair, LM head on response columns only, cross-entropy log-probs,
-reference log-probs cached, fused AdamW). bf16 rows compare bf16 with bf16.
+reference log-probs cached, fused AdamW; with padding, the unpadded forward). bf16 rows compare bf16 with bf16.
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from pathlib import Path
 
 import torch
 
-from common import CORPUS, parse_args, peer_gpt2_config, peer_tokenizer, result, table
+from common import CORPUS, SHARED, parse_args, peer_gpt2_config, peer_tokenizer, result, table
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 PROMPT_TOKENS, RESPONSE_TOKENS, BATCH, BETA, LR, EPOCHS = 32, 48, 8, 0.1, 5e-4, 2
+# --hh: real pairs of varied length (HH-RLHF harmless-base test, ../shared/data), cut to these many tokens
+HH_PAIRS = SHARED / "preference" / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"
+HH_PROMPT_TOKENS, HH_RESPONSE_TOKENS = 96, 64
 
 
 def make_pairs(tokenizer, n: int, seed: int) -> list[dict]:
@@ -63,6 +70,24 @@ def make_pairs(tokenizer, n: int, seed: int) -> list[dict]:
         chosen, rejected = (a, b) if sa > sb else (b, a)
         pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return pairs
+
+
+def hh_pairs(tokenizer, n: int) -> list[dict]:
+    """The first n HH-RLHF harmless-base test pairs (human choices, real lengths): prompts cut to their last
+    HH_PROMPT_TOKENS tokens and replies to their first HH_RESPONSE_TOKENS, so neither trainer truncates further."""
+    from rlhf.data.comparisons import import_hh_rlhf
+
+    comparisons, _ = import_hh_rlhf(HH_PAIRS)
+
+    def cut(text: str, tokens: int, keep_end: bool) -> str:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return tokenizer.decode(ids[-tokens:] if keep_end else ids[:tokens]).strip()
+
+    return [
+        {"prompt": cut(c.prompt, HH_PROMPT_TOKENS, True), "chosen": cut(c.responses[0], HH_RESPONSE_TOKENS, False),
+         "rejected": cut(c.responses[1], HH_RESPONSE_TOKENS, False)}
+        for c in comparisons[:n]
+    ]  # fmt: skip
 
 
 def held_out_accuracy(model, ref_model, tokenizer, pairs: list[dict]) -> float:
@@ -95,7 +120,7 @@ def _rates(run, pairs: int) -> dict[str, float]:
 
 
 def run_ours(
-    base: Path, train: list[dict], steps: int, work: Path, threads: int, bf16: bool
+    base: Path, train: list[dict], steps: int, work: Path, threads: int, bf16: bool, lengths: tuple[int, int]
 ) -> tuple[dict[str, float], Path]:
     from rlhf.config import load_config
     from rlhf.data.records import Comparison, write_jsonl
@@ -107,7 +132,7 @@ def run_ours(
     overrides = {
         "comparisons": work / "train.jsonl", "model.path": base, "runs_dir": work / "runs", "name": name,
         "steps": steps, "batch_size": BATCH, "lr": LR, "beta": BETA, "warmup_steps": 0, "val_fraction": 0,
-        "max_length": PROMPT_TOKENS + RESPONSE_TOKENS, "max_prompt_length": PROMPT_TOKENS, "log_every": 10,
+        "max_length": lengths[0], "max_prompt_length": lengths[1], "log_every": 10,
         "save_every": 10_000, "threads": threads, "bf16": bf16, "seed": 0,
     }  # fmt: skip
     config = load_config(DPOConfig, None, [f"{k}={v}" for k, v in overrides.items()])
@@ -115,7 +140,7 @@ def run_ours(
 
 
 def run_trl(
-    base: Path, tokenizer, train: list[dict], steps: int, work: Path, bf16: bool
+    base: Path, tokenizer, train: list[dict], steps: int, work: Path, bf16: bool, max_length: int
 ) -> tuple[dict[str, float], object]:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -129,7 +154,7 @@ def run_trl(
     )  # fmt: skip
     args = DPOConfig(
         output_dir=str(work / "trl"), per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
-        beta=BETA, lr_scheduler_type="linear", warmup_steps=0, max_length=PROMPT_TOKENS + RESPONSE_TOKENS,
+        beta=BETA, lr_scheduler_type="linear", warmup_steps=0, max_length=max_length,
         logging_steps=10, save_strategy="no", report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0,
         bf16=bf16, disable_tqdm=True,
     )  # fmt: skip
@@ -141,8 +166,16 @@ def run_trl(
 def main() -> None:
     args = parse_args(
         __doc__.splitlines()[0],
-        lambda p: p.add_argument(
-            "--cpu-time", action="store_true", help="RESULT lines by process CPU seconds (busy machine)"
+        lambda p: (
+            p.add_argument(
+                "--cpu-time", action="store_true", help="RESULT lines by process CPU seconds (busy machine)"
+            ),
+            p.add_argument(
+                "--hh",
+                action="store_true",
+                help="real pairs of varied length instead of fixed-length ones: HH-RLHF harmless-base test from "
+                f"../shared/data, prompts cut to {HH_PROMPT_TOKENS} tokens and replies to {HH_RESPONSE_TOKENS}",
+            ),
         ),
     )
     logging.getLogger("rlhf").setLevel(logging.WARNING)
@@ -150,7 +183,12 @@ def main() -> None:
     steps = 20 if args.quick else 150
     n_train, n_val = steps * BATCH // EPOCHS, 64 if args.quick else 200
     tokenizer = peer_tokenizer()
-    pairs = make_pairs(tokenizer, n_train + n_val, seed=0)
+    pairs = (
+        hh_pairs(tokenizer, n_train + n_val) if args.hh else make_pairs(tokenizer, n_train + n_val, seed=0)
+    )
+    # (max_length, max_prompt_length), never reached: both trainers see whole pairs
+    lengths = (192, 128) if args.hh else (PROMPT_TOKENS + RESPONSE_TOKENS, PROMPT_TOKENS)
+    tag = "_hh" if args.hh else ""
     train, val = pairs[:n_train], pairs[n_train:]
     work = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
     try:
@@ -165,13 +203,13 @@ def main() -> None:
         rows, rates, accs = [], {}, {}
         for bf16 in (False, True):
             precision = "bf16" if bf16 else "fp32"
-            rate, model = run_trl(base, tokenizer, train, steps, work, bf16)
+            rate, model = run_trl(base, tokenizer, train, steps, work, bf16, lengths[0])
             rates["trl", precision], accs["trl", precision] = (
                 rate,
                 held_out_accuracy(model, ref, tokenizer, val),
             )
             del model
-            rate, path = run_ours(base, train, steps, work, args.threads, bf16)
+            rate, path = run_ours(base, train, steps, work, args.threads, bf16, lengths)
             rates["ours", precision] = rate
             accs["ours", precision] = held_out_accuracy(
                 AutoModelForCausalLM.from_pretrained(path), ref, tokenizer, val
@@ -180,7 +218,11 @@ def main() -> None:
                 r = rates[who, precision]
                 rows.append([f"{name} ({precision})", r["wall"], r["cpu"], accs[who, precision]])
 
-        shape = f"{PROMPT_TOKENS}+{RESPONSE_TOKENS} tokens"
+        shape = (
+            f"HH-RLHF, up to {HH_PROMPT_TOKENS}+{HH_RESPONSE_TOKENS} tokens"
+            if args.hh
+            else f"{PROMPT_TOKENS}+{RESPONSE_TOKENS} tokens"
+        )
         print(f"\n{steps} steps x {BATCH} pairs ({EPOCHS} epochs of {len(train)} pairs, {shape}), "
               f"{len(val)} held-out pairs, {args.threads} threads")  # fmt: skip
         print(table(rows, ["trainer", "pairs/s (wall)", "pairs/CPU-s", "held-out accuracy"]))
@@ -188,12 +230,17 @@ def main() -> None:
         for precision in ("fp32", "bf16"):
             ours, peer = rates["ours", precision][clock], rates["trl", precision][clock]
             result(
-                f"dpo_pairs_per_s_{precision}", ours, peer, "pairs/s" if clock == "wall" else "pairs/cpu-s"
+                f"dpo_pairs_per_s_{precision}{tag}",
+                ours,
+                peer,
+                "pairs/s" if clock == "wall" else "pairs/cpu-s",
             )
-        result("dpo_bf16_vs_trl_fp32", rates["ours", "bf16"][clock], rates["trl", "fp32"][clock], "pairs/s")
+        result(
+            f"dpo_bf16_vs_trl_fp32{tag}", rates["ours", "bf16"][clock], rates["trl", "fp32"][clock], "pairs/s"
+        )
         for precision in ("fp32", "bf16"):
             result(
-                f"dpo_heldout_accuracy_{precision}",
+                f"dpo_heldout_accuracy_{precision}{tag}",
                 accs["ours", precision],
                 accs["trl", precision],
                 "accuracy",
