@@ -20,11 +20,11 @@ epoch; `rlhf dpo` caches it, TRL redoes it every epoch. The machine is noisy: co
     .venv/bin/python benchmarks/dpo.py --quick --hh   # real HH-RLHF pairs of varied length (../shared/data)
 
 The default pairs all have the same length, so nothing is padded; `--hh` pairs pad a batch by a quarter to a third,
-which both trainers pay for unless they skip it (ours runs its linear layers and LM head on real tokens only).
+which both trainers pay for.
 
 TRL runs at its defaults (SDPA attention, fp32; with bf16 its own `bf16=True`); ours at its defaults (eager
 attention on CPU, each prompt run once per pair, LM head on response columns only, cross-entropy log-probs,
-reference log-probs cached, fused AdamW; with padding, the unpadded forward). bf16 rows compare bf16 with bf16.
+reference log-probs cached, fused AdamW). bf16 rows compare bf16 with bf16.
 """
 
 from __future__ import annotations
