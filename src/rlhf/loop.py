@@ -41,7 +41,14 @@ log = logging.getLogger("rlhf")
 
 DEFAULT_CORPUS = "data/corpus/children_stories_5books.txt"
 ROUND_STAGES = ("sample", "label", "reward", "ppo", "dpo", "eval")  # the stages a round may have, in order
-STAGE_SECTIONS = ("pretrain", "sft", "sample", "reward", "ppo", "dpo", "eval")
+# each stage section of the loop config: the module and config class its settings are checked against
+SECTION_CONFIGS = {
+    "pretrain": ("rlhf.stages.pretrain", "PretrainConfig"), "sft": ("rlhf.stages.sft", "SFTConfig"),
+    "sample": ("rlhf.stages.sample", "SampleConfig"), "reward": ("rlhf.stages.reward", "RewardConfig"),
+    "ppo": ("rlhf.stages.ppo", "PPOConfig"), "dpo": ("rlhf.stages.dpo", "DPOConfig"),
+    "eval": ("rlhf.evaluate", "EvalConfig"),
+}  # fmt: skip
+STAGE_SECTIONS = tuple(SECTION_CONFIGS)
 
 
 @dataclass
@@ -212,13 +219,7 @@ class Loop:
 
     def check_sections(self) -> None:
         """Fail before any work when a stage section names an unknown field or a bad value."""
-        sections = [
-            ("pretrain", "rlhf.stages.pretrain", "PretrainConfig"), ("sft", "rlhf.stages.sft", "SFTConfig"),
-            ("sample", "rlhf.stages.sample", "SampleConfig"), ("reward", "rlhf.stages.reward", "RewardConfig"),
-            ("ppo", "rlhf.stages.ppo", "PPOConfig"), ("eval", "rlhf.evaluate", "EvalConfig"),
-            ("dpo", "rlhf.stages.dpo", "DPOConfig"),
-        ]  # fmt: skip
-        for key, module, cls_name in sections:
+        for key, (module, cls_name) in SECTION_CONFIGS.items():
             if key == "pretrain" and self.c.model.path:
                 continue
             try:
