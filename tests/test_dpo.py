@@ -240,10 +240,22 @@ def test_lora_dpo_uses_the_base_as_reference_and_saves_a_plain_model(planted, ti
     assert summary["val/margin"] > 0
 
 
-def test_pair_layout_log_probs_equal_unpadded_forwards(tiny_model):
+@pytest.mark.parametrize("real_tokens_only", [True, False])
+def test_pair_layout_log_probs_equal_unpadded_forwards(tiny_model, monkeypatch, real_tokens_only):
     """Left-padded prompts + right-padded responses (the LM head on response columns only) give each response's
-    summed log-prob of an unpadded forward over that row alone, whatever the prompt and response lengths."""
+    summed log-prob of an unpadded forward over that row alone, whatever the prompt and response lengths: through
+    `rlhf.unpadded` (linear layers on real tokens, the head on real response tokens) and through Hugging Face's
+    padded forward alike."""
+    import rlhf.unpadded
     from rlhf.stages.dpo_pairs import Pair, collate, sequence_logprobs, shared_prompt_logprobs
+
+    calls = []
+    unpadded = rlhf.unpadded.trunk_forward
+    monkeypatch.setattr(
+        rlhf.unpadded, "trunk_forward", lambda *a, **k: (calls.append(1), unpadded(*a, **k))[1]
+    )
+    # these pairs are 40-60 % padding: a 0.0 bound sends every pass to the Hugging Face forward
+    monkeypatch.setattr(rlhf.unpadded, "MAX_REAL_SHARE", 0.9 if real_tokens_only else 0.0)
 
     pairs = [Pair([1, 5, 6], [7, 8, 2], [9, 2]), Pair([1, 10, 11, 12, 13], [14, 2], [15, 16, 17, 18, 2])]
     ids, attn, start = collate(pairs, pad_id=0)
@@ -284,3 +296,5 @@ def test_pair_layout_log_probs_equal_unpadded_forwards(tiny_model):
     for a, b in zip(plain, (p.grad for p in tiny_model.parameters())):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     tiny_model.zero_grad()
+    # the sequence layout twice (no grad, then grad), the shared one once: its prompt pass and its response pass
+    assert len(calls) == (4 if real_tokens_only else 0)

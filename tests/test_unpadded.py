@@ -43,15 +43,27 @@ def hf_hidden(trunk, ids, mask, **kw) -> torch.Tensor:
     return trunk(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), **kw).last_hidden_state
 
 
+@pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("bf16", [False, True])
-def test_forward_equals_hugging_face_on_real_tokens_and_pads_come_back_zero(bf16):
+def test_forward_equals_hugging_face_on_real_tokens_and_pads_come_back_zero(bf16, kernel, monkeypatch):
+    """Either attention (plain matmuls, or the SDPA kernel a no-grad caller may ask for) gives the same forward."""
+    import rlhf.unpadded
+
+    kernel_calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(
+        rlhf.unpadded.F,
+        "scaled_dot_product_attention",
+        lambda *a, **k: (kernel_calls.append(1), sdpa(*a, **k))[1],
+    )
     trunk = tiny_lm().transformer
     ids, mask = padded_batch()
     assert applies(trunk, mask, ids.shape[1])  # 37 % padding: the unpadded path runs
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         expected = hf_hidden(trunk, ids, mask)
-        ours, cache = trunk_forward(trunk, ids, mask, position_ids(mask))
-    assert cache is None
+        kernel_calls.clear()  # Hugging Face's own attention may call it too
+        ours, cache = trunk_forward(trunk, ids, mask, position_ids(mask), kernel_without_grad=kernel)
+    assert cache is None and len(kernel_calls) == (2 if kernel else 0)  # once per layer, or never
     tolerance = 2e-2 if bf16 else 1e-5
     assert torch.allclose(ours[mask], expected[mask], atol=tolerance)
     assert ours[~mask].abs().max() == 0

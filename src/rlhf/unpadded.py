@@ -25,10 +25,20 @@ MAX_REAL_SHARE = 0.9
 MATH_ATTENTION_MAX_SCORES = 1 << 24
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, kernel_without_grad: bool = False
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(hd) masked) v. For short sequences the plain matmuls beat the CPU flash kernel, whose
-    backward with a mask costs more than all the linear layers here (measured: 49 of 140 ms of a 32 x 84 step)."""
-    if q.shape[:-1].numel() * k.shape[-2] > MATH_ATTENTION_MAX_SCORES or q.device.type != "cpu":
+    backward with a mask costs more than all the linear layers here (measured: 49 of 140 ms of a 32 x 84 step).
+    Without a backward the kernel wins (DPO's no-grad reference pass over HH-RLHF pairs in bf16: 1.43 -> 0.72 s),
+    but in bf16 it rounds differently from the matmuls (about one ulp of the output), so it runs only where the
+    caller asks: not for PPO, whose no-grad log-probs are the ratio's denominator for the same tokens' gradient pass."""
+    backward = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if (
+        (kernel_without_grad and not backward)
+        or q.shape[:-1].numel() * k.shape[-2] > MATH_ATTENTION_MAX_SCORES
+        or q.device.type != "cpu"
+    ):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, H, L, Lk)
     weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
@@ -60,10 +70,12 @@ def trunk_forward(
     position_ids: torch.Tensor,
     past: Any | None = None,
     use_cache: bool = False,
+    kernel_without_grad: bool = False,
 ) -> tuple[torch.Tensor, Any | None]:
     """(last hidden states (B, L, d), KV cache or None) of `trunk` over `input_ids` (B, L), like
     `trunk(input_ids=, attention_mask=, position_ids=, past_key_values=, use_cache=)`; `attention_mask` covers the
-    cached columns too (B, L_past + L). `past` is extended in place, as Hugging Face does."""
+    cached columns too (B, L_past + L). `past` is extended in place, as Hugging Face does. `kernel_without_grad`:
+    see `_attention`."""
     if not applies(trunk, attention_mask, input_ids.shape[1]):
         out = trunk(
             input_ids=input_ids,
@@ -99,7 +111,7 @@ def trunk_forward(
             q, k, v = grid.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)
             if cache is not None:  # q, k, v: (B, H, L, hd); k, v then (B, H, L_past + L, hd)
                 k, v = cache.update(k, v, index)
-            attended = _attention(q, k, v, mask)  # (B, H, L, hd)
+            attended = _attention(q, k, v, mask, kernel_without_grad)  # (B, H, L, hd)
             x = x + block.attn.c_proj(attended.transpose(1, 2).reshape(batch * length, width)[rows])
             return x + block.mlp.c_proj(block.mlp.act(block.mlp.c_fc(block.ln_2(x))))
 

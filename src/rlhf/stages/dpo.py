@@ -390,7 +390,10 @@ def run(config: DPOConfig) -> dict:
             idx = rank_slice(order[m * micro : (m + 1) * micro], accelerator)
             last = m == config.grad_accum - 1
             with maybe_no_sync(accelerator, model, sync=last):
-                logps, lengths = pair_logprobs(model, [train[i] for i in idx], pad_id, share)
+                # autocast here, not only through the prepared model's forward: the unpadded path (rlhf.unpadded)
+                # calls the trunk's layers directly
+                with accelerator.autocast():
+                    logps, lengths = pair_logprobs(model, [train[i] for i in idx], pad_id, share)
                 losses, stats = _pair_metrics(config, logps, lengths, ref_train[idx])
                 loss = losses.mean()
                 accelerator.backward(loss / config.grad_accum)

@@ -81,33 +81,67 @@ def collate(pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor,
     return ids, attn, start
 
 
+def _unpadded_trunk(model: Any, attention_mask: torch.Tensor, columns: int) -> tuple[Any, Any] | None:
+    """(GPT-2 trunk, LM head) when `rlhf.unpadded.trunk_forward` takes its real-tokens-only path for this batch
+    (a bare Hugging Face model, not a DDP or PEFT wrapper: those must run their own forward), else None."""
+    from rlhf.unpadded import applies
+
+    trunk, head_of = getattr(model, "base_model", None), getattr(model, "get_output_embeddings", None)
+    if trunk is None or trunk is model or head_of is None or head_of() is None:
+        return None
+    return (trunk, head_of()) if applies(trunk, attention_mask, columns) else None
+
+
+def _picked_logprobs(logits: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, T) log-prob of each target under logits (B, T, V), 0 where `keep` is False (cross-entropy: log-softmax
+    and pick fused, about 2.5x faster forward + backward on CPU than log_softmax + gather)."""
+    logp = -torch.nn.functional.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten(), reduction="none"
+    )
+    return logp.view(targets.shape).masked_fill(~keep, 0.0)
+
+
+def _packed_logprobs(
+    head: Any, hidden: torch.Tensor, targets: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """`_picked_logprobs` with the LM head run on the kept rows of hidden (B, T, d) only: with a vocabulary of
+    thousands the head is the costliest layer, and padded response columns need none of it."""
+    logits = head(hidden[keep])  # (N, V)
+    logp = -torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="none")
+    return logp.new_zeros(keep.shape).masked_scatter(keep, logp)
+
+
 def sequence_logprobs(model: Any, pairs: list[Pair], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed response log-probs (2B,) (chosen then rejected) and response lengths (2B,), in one forward.
 
     The same numbers as `sampling.token_logprobs` over the response columns, computed with less work: the last
     column (it predicts nothing) is not fed, the LM head runs on the columns that predict response tokens only
-    (`logits_to_keep`), and the log-prob of each target comes from `cross_entropy` (log-softmax and pick fused,
-    about 2.5x faster forward + backward on CPU than log_softmax + gather over the vocabulary).
+    (`logits_to_keep`), and the log-prob of each target comes from `cross_entropy`. Where a batch is padded enough
+    (`rlhf.unpadded`), the trunk's linear layers run on real tokens only and the head on real response tokens only.
     """
     from rlhf.sampling import position_ids_for
+    from rlhf.unpadded import trunk_forward
 
     ids, attn, start = collate(pairs, pad_id)
     device = next(model.parameters()).device
     ids, attn = ids.to(device), attn.to(device)
-    inputs, mask = ids[:, :-1], attn[:, :-1]
+    inputs, mask, positions = ids[:, :-1], attn[:, :-1], position_ids_for(attn[:, :-1])
     targets = ids[:, start:]  # (2B, R): predicted by columns start-1 .. L-2
-    logits = model(
-        input_ids=inputs,
-        attention_mask=mask,
-        position_ids=position_ids_for(mask),
-        logits_to_keep=targets.shape[1],
-        use_cache=False,
-    ).logits
-    logp = -torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), reduction="none"
-    ).view(targets.shape)
     resp = attn[:, start:].bool()
-    return logp.masked_fill(~resp, 0.0).sum(-1), resp.sum(-1)
+    parts = _unpadded_trunk(model, mask, inputs.shape[1])
+    if parts is not None:
+        hidden, _ = trunk_forward(parts[0], inputs, mask, positions, kernel_without_grad=True)  # (2B, L-1, d)
+        logp = _packed_logprobs(parts[1], hidden[:, start - 1 :], targets, resp)
+    else:
+        logits = model(
+            input_ids=inputs,
+            attention_mask=mask,
+            position_ids=positions,
+            logits_to_keep=targets.shape[1],
+            use_cache=False,
+        ).logits
+        logp = _picked_logprobs(logits, targets, resp)
+    return logp.sum(-1), resp.sum(-1)
 
 
 def shared_prompt_logprobs(model: Any, pairs: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,8 +149,10 @@ def shared_prompt_logprobs(model: Any, pairs: list, pad_id: int) -> tuple[torch.
     keeps its keys/values (with their gradients), repeated for the chosen and the rejected row, and the response
     pass attends to them. Same numbers up to fp32 rounding; fewer tokens through the trunk (e.g. 32-token prompts
     and 48-token responses: 128 instead of 160 per pair). Needs a KV cache in training: not with gradient
-    checkpointing (Hugging Face drops the cache there) and not under DDP (two forwards per backward)."""
+    checkpointing (Hugging Face drops the cache there) and not under DDP (two forwards per backward). Each pass
+    unpadded where that pays, as in `sequence_logprobs`."""
     from rlhf.sampling import position_ids_for
+    from rlhf.unpadded import trunk_forward
 
     device = next(model.parameters()).device
     n = len(pairs)
@@ -136,37 +172,53 @@ def shared_prompt_logprobs(model: Any, pairs: list, pad_id: int) -> tuple[torch.
             response_mask[2 * i + j, : len(ids)] = 1
     prompts, prompt_mask = prompts.to(device), prompt_mask.to(device)
     responses, response_mask = responses.to(device), response_mask.to(device)
+    keep = response_mask.bool()
     # 1. prompts once: their keys/values for both responses, and the logits of each response's first token
-    out = model(
-        input_ids=prompts,
-        attention_mask=prompt_mask,
-        position_ids=position_ids_for(prompt_mask),
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    logits = [out.logits[:, -1:].repeat_interleave(2, dim=0)]  # (2B, 1, V)
+    prompt_positions = position_ids_for(prompt_mask)
+    parts = _unpadded_trunk(model, prompt_mask, start)
+    if parts is not None:
+        hidden, cache = trunk_forward(
+            parts[0], prompts, prompt_mask, prompt_positions, use_cache=True, kernel_without_grad=True
+        )
+        first = parts[1](hidden[:, -1:])  # (B, 1, V): every prompt ends at the last column
+    else:
+        out = model(
+            input_ids=prompts,
+            attention_mask=prompt_mask,
+            position_ids=prompt_positions,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        first, cache = out.logits[:, -1:], out.past_key_values
+    logp = [_picked_logprobs(first.repeat_interleave(2, dim=0), responses[:, :1], keep[:, :1])]  # (2B, 1)
     if width > 1:
-        cache = out.past_key_values
         cache.batch_repeat_interleave(2)
         mask = torch.cat([prompt_mask.repeat_interleave(2, dim=0), response_mask[:, :-1]], dim=1)
         lengths = prompt_mask.sum(-1).repeat_interleave(2)[:, None]
         positions = lengths + torch.arange(width - 1, device=device)[None]
-        # 2. responses (but their last token) after the cached prompt: logits of response tokens 2..R
-        logits.append(
-            model(
+        # 2. responses (but their last token) after the cached prompt: log-probs of response tokens 2..R
+        parts = _unpadded_trunk(model, mask, width - 1)
+        if parts is not None:
+            hidden, _ = trunk_forward(
+                parts[0],
+                responses[:, :-1],
+                mask,
+                positions,
+                past=cache,
+                use_cache=True,
+                kernel_without_grad=True,
+            )
+            logp.append(_packed_logprobs(parts[1], hidden, responses[:, 1:], keep[:, 1:]))
+        else:
+            logits = model(
                 input_ids=responses[:, :-1],
                 attention_mask=mask,
                 position_ids=positions,
                 past_key_values=cache,
                 use_cache=True,
             ).logits
-        )
-    logits = torch.cat(logits, dim=1)  # (2B, R, V): predicts responses[:, 0..R-1]
-    logp = -torch.nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), responses.flatten(), reduction="none"
-    ).view(responses.shape)
-    keep = response_mask.bool()
-    sums, counts = logp.masked_fill(~keep, 0.0).sum(-1), keep.sum(-1)
+            logp.append(_picked_logprobs(logits, responses[:, 1:], keep[:, 1:]))
+    sums, counts = torch.cat(logp, dim=1).sum(-1), keep.sum(-1)
     order = torch.cat([torch.arange(0, 2 * n, 2), torch.arange(1, 2 * n, 2)]).to(
         device
     )  # chosen then rejected
