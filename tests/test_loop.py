@@ -92,16 +92,17 @@ def test_ci_loop_runs_every_stage_raises_gold_and_proxy_and_reports(ci_run):
         Path(dpo2.model.path) == run / "round-1" / "dpo" / "model"
         and Path(dpo2.reference) == run / "sft" / "model"
     )
-    # each DPO round fitted its pairs: a positive implicit-reward margin over its training batches (0 at a round's
-    # start for round 1, whose policy is the reference). The mean of the round's logged windows, not the last one:
-    # a window is 16 pairs, and one of round 2's came out at -0.05 between windows of +0.2..+0.6 when round 1's PPO
-    # rounding changed. Held-out margins are not asserted: the held-out split is a few prompts (in the smaller CI
-    # loop of before, round 1's sign flipped between machines).
+    # round 1's DPO learned: a positive mean implicit-reward margin over its logged training windows (4 of 16
+    # pairs; its policy starts at the reference, margin 0; measured means 0.08-0.13). Round 2's windows are not
+    # asserted: they are margins on fresh pairs of a policy that has already moved, before each step (measured
+    # means 0.06, 0.06, 0.32, single windows -0.11..+0.58), so they test no code that round 1 does not; what round 2's
+    # DPO did is asserted below on gold. Held-out margins are not asserted: the held-out split is a few prompts.
     for r in (1, 2):
         logged = [json.loads(line) for line in (run / f"round-{r}" / "dpo" / "metrics.jsonl").open()]
         margins = [m["rewards/margins"] for m in logged if "train/loss" in m]
         print(f"CI loop round-{r} DPO: train margins by window {[round(m, 3) for m in margins]}")
-        assert len(margins) == 4 and sum(margins) / len(margins) > 0, margins  # 8 steps, logged every 2
+        assert len(margins) == 4, margins  # 8 steps, logged every 2
+        assert r == 2 or sum(margins) / len(margins) > 0, margins
 
     ev = _final_eval(run)
     sft = ev["policies"][ev["reference"]]
