@@ -32,7 +32,6 @@ from rlhf.errors import UserError
 from rlhf.modeling import autocast, context_length, load_causal_lm, load_policy
 from rlhf.stagecli import parse_stage_args
 from rlhf.tracking import log, progress, stage_dir, truncate_metrics
-from rlhf.unpadded import trunk_forward
 
 IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
 
@@ -111,15 +110,12 @@ def response_loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch
     """(sum of next-token losses over labelled tokens, their count): prompt and padding carry no loss.
 
     For GPT-2-family models the LM head runs only on the positions that carry loss (the head's GEMM over a
-    vocabulary of 8k is a third of a small model's step; prompts are skipped instead of computed and masked), and
-    where a batch is padded enough the trunk's linear layers run on real tokens only (`rlhf.unpadded`).
+    vocabulary of 8k is a third of a small model's step; prompts are skipped instead of computed and masked).
     """
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE  # (B, L-1)
     if type(model).__name__ == "GPT2LMHeadModel":
-        ids, mask = batch["input_ids"], batch["attention_mask"]
-        positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)  # right padding: 0.. per row
-        hidden, _ = trunk_forward(model.transformer, ids, mask, positions)  # (B, L, d), pads zero
+        hidden = model.transformer(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
         logits = model.lm_head(hidden[:, :-1][keep])  # (N, V): only the labelled positions
         flat_targets = targets[keep]
     else:
