@@ -92,17 +92,17 @@ def test_ci_loop_runs_every_stage_raises_gold_and_proxy_and_reports(ci_run):
         Path(dpo2.model.path) == run / "round-1" / "dpo" / "model"
         and Path(dpo2.reference) == run / "sft" / "model"
     )
-    # round 1's DPO learned: a positive mean implicit-reward margin over its logged training windows (4 of 16
-    # pairs; its policy starts at the reference, margin 0; measured means 0.08-0.13). Round 2's windows are not
-    # asserted: they are margins on fresh pairs of a policy that has already moved, before each step (measured
-    # means 0.06, 0.06, 0.32, single windows -0.11..+0.58), so they test no code that round 1 does not; what round 2's
-    # DPO did is asserted below on gold. Held-out margins are not asserted: the held-out split is a few prompts.
+    # each DPO round fitted its pairs: a positive mean implicit-reward margin over its logged training windows (0 at
+    # round 1's start, whose policy is the reference). The mean of a round's 4 windows of 16 pairs, not its last
+    # window alone: round 2's windows are margins of an already-moved policy on fresh pairs; over three runs of
+    # differing rounding its last window was -0.05 in two (single windows down to -0.11) while the round's mean
+    # stayed 0.06-0.32 (round 1's: 0.08-0.13).
+    # Held-out margins are not asserted: the held-out split is a few prompts.
     for r in (1, 2):
         logged = [json.loads(line) for line in (run / f"round-{r}" / "dpo" / "metrics.jsonl").open()]
         margins = [m["rewards/margins"] for m in logged if "train/loss" in m]
         print(f"CI loop round-{r} DPO: train margins by window {[round(m, 3) for m in margins]}")
-        assert len(margins) == 4, margins  # 8 steps, logged every 2
-        assert r == 2 or sum(margins) / len(margins) > 0, margins
+        assert len(margins) == 4 and sum(margins) / len(margins) > 0, margins  # 8 steps, logged every 2
 
     ev = _final_eval(run)
     sft = ev["policies"][ev["reference"]]
