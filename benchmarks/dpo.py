@@ -24,7 +24,8 @@ which both trainers pay for.
 
 TRL runs at its defaults (SDPA attention, fp32; with bf16 its own `bf16=True`); ours at its defaults (eager
 attention on CPU, each prompt run once per pair, LM head on response columns only, cross-entropy log-probs,
-reference log-probs cached, fused AdamW). bf16 rows compare bf16 with bf16.
+reference log-probs cached, fused AdamW; on padded batches such as `--hh`'s the trunk's linear layers run on real
+tokens only and the head on real response tokens only). bf16 rows compare bf16 with bf16.
 """
 
 from __future__ import annotations
